@@ -1,0 +1,29 @@
+"""One distribution, `rto`, holding two import packages: `rto` (rto/) and `rto_kernels` (kernels/)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="rto",
+    version="0.1.0",
+    description="Reinforced Token Optimization (RTO) and PPO for RLHF, with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["rto", "rto.*"]) + ["rto_kernels"],
+    package_dir={"rto_kernels": "kernels"},
+    package_data={"rto": ["recipes/*.yaml"]},
+    install_requires=[
+        # Install torch first (`pip install torch==2.13.0` on CPU machines): a bare requirement with no
+        # torch present pulls the CUDA build.
+        "torch>=2.6",
+        "triton>=3.2; platform_system == 'Linux'",
+        "transformers>=4.50",
+        "datasets>=3.0",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "ruff>=0.8"],
+        "gpu": ["liger-kernel>=0.5", "flash-attn>=2.6"],
+        "vllm": ["vllm>=0.10"],
+    },
+    entry_points={"console_scripts": ["rto=rto.cli:main"]},
+)
