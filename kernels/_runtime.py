@@ -17,9 +17,14 @@ except ImportError:  # macOS and other platforms without Triton wheels: the refe
     HAS_TRITON = False
 
 
+# Read once, at import: the kernels are decorated (interpreted or compiled) at that moment too, and a
+# constant keeps torch.compile from tracing an environment lookup.
+_INTERPRETING = HAS_TRITON and bool(triton.knobs.runtime.interpret)
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return HAS_TRITON and bool(triton.knobs.runtime.interpret)
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return _INTERPRETING
 
 
 def use_triton(t: torch.Tensor) -> bool:

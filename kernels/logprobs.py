@@ -50,10 +50,11 @@ if HAS_TRITON:
         return m_new, s_new, t
 
     @triton.jit
-    def _dlogits(logits, hit, lse, g_logp, entropy, g_entropy, inv_temp, ENTROPY: tl.constexpr):
-        # d/dz of g_logp * logp_target + g_entropy * entropy, for logits l = z * inv_temp.
-        logp = logits - lse[:, None]
-        p = tl.exp(logp)
+    def _dlogits(logits, valid, hit, row_max, log_sum, g_logp, entropy, g_entropy, inv_temp, ENTROPY: tl.constexpr):
+        # d/dz of g_logp * logp_target + g_entropy * entropy, for logits l = z * inv_temp. The log-sum-exp is
+        # kept as (row max, log sum) so that l - max is exact and the softmax sums to 1 at |l| ~ 1e4.
+        logp = (logits - row_max[:, None]) - log_sum[:, None]
+        p = tl.exp(tl.where(valid, logp, float("-inf")))
         dl = tl.where(hit, g_logp[:, None], 0.0) - g_logp[:, None] * p
         if ENTROPY:
             dl -= g_entropy[:, None] * p * (logp + entropy[:, None])
@@ -110,7 +111,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _linear_dz_kernel(
-        h_ptr, w_ptr, tgt_ptr, lse_ptr, g_logp_ptr, ent_ptr, g_ent_ptr, dz_ptr,
+        h_ptr, w_ptr, tgt_ptr, stats_ptr, g_logp_ptr, ent_ptr, g_ent_ptr, dz_ptr,
         N, H, v_start, v_end, stride_h, stride_w, stride_dz, inv_temp,
         ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
         BM: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
@@ -123,21 +124,23 @@ if HAS_TRITON:
         logits = _logits_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
                               BM, BV, BH, DOT_FP32, IEEE) * inv_temp
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        row_max = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+        log_sum = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
         g_logp = tl.load(g_logp_ptr + rows, mask=row_ok, other=0.0)
         if ENTROPY:
             entropy = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
             g_entropy = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
         else:
-            entropy = lse
-            g_entropy = lse
-        dz = _dlogits(logits, cols[None, :] == tgt[:, None], lse, g_logp, entropy, g_entropy, inv_temp, ENTROPY)
+            entropy = log_sum
+            g_entropy = log_sum
+        dz = _dlogits(logits, col_ok[None, :], cols[None, :] == tgt[:, None], row_max, log_sum, g_logp, entropy,
+                      g_entropy, inv_temp, ENTROPY)
         tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
     @triton.jit
     def _logits_fwd_kernel(
-        x_ptr, tgt_ptr, logp_ptr, lse_ptr, ent_ptr,
+        x_ptr, tgt_ptr, logp_ptr, stats_ptr, ent_ptr,
         N, V, stride_x, inv_temp,
         ENTROPY: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
     ):
@@ -159,15 +162,15 @@ if HAS_TRITON:
             tgt_logit = tl.maximum(tgt_logit, tl.max(tl.where(hit, logits, float("-inf")), axis=1))
             m, s, t = _online_update(m, s, t, logits, col_ok, ENTROPY)
         log_s = tl.log(s)
-        lse = m + log_s
-        tl.store(logp_ptr + rows, tgt_logit - lse, mask=row_ok)
-        tl.store(lse_ptr + rows, lse, mask=row_ok)
+        tl.store(logp_ptr + rows, (tgt_logit - m) - log_s, mask=row_ok)
+        tl.store(stats_ptr + rows, m, mask=row_ok)
+        tl.store(stats_ptr + N + rows, log_s, mask=row_ok)
         if ENTROPY:
             tl.store(ent_ptr + rows, log_s - t / s, mask=row_ok)
 
     @triton.jit
     def _logits_bwd_kernel(
-        x_ptr, tgt_ptr, lse_ptr, g_logp_ptr, ent_ptr, g_ent_ptr, dx_ptr,
+        x_ptr, tgt_ptr, stats_ptr, g_logp_ptr, ent_ptr, g_ent_ptr, dx_ptr,
         N, V, stride_x, stride_dx, inv_temp,
         ENTROPY: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
     ):
@@ -178,15 +181,17 @@ if HAS_TRITON:
         logits = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=valid, other=0.0)
         logits = logits.to(tl.float32) * inv_temp
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        row_max = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+        log_sum = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
         g_logp = tl.load(g_logp_ptr + rows, mask=row_ok, other=0.0)
         if ENTROPY:
             entropy = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
             g_entropy = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
         else:
-            entropy = lse
-            g_entropy = lse
-        dx = _dlogits(logits, cols[None, :] == tgt[:, None], lse, g_logp, entropy, g_entropy, inv_temp, ENTROPY)
+            entropy = log_sum
+            g_entropy = log_sum
+        dx = _dlogits(logits, valid, cols[None, :] == tgt[:, None], row_max, log_sum, g_logp, entropy, g_entropy,
+                      inv_temp, ENTROPY)
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
@@ -250,7 +255,8 @@ def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 def linear_logprobs_op(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (logp [N], entropy [N] or [0], lse [N]), all fp32; lse is kept for the backward."""
+    """Returns (logp [N], entropy [N] or [0], stats [2, N]), all fp32; stats = (row max, log sum exp(l - max)),
+    the log-sum-exp in two parts, kept for the backward."""
     hidden, weight = row_major(hidden), row_major(weight)
     N, H = hidden.shape
     V = weight.shape[0]
@@ -267,21 +273,21 @@ def linear_logprobs_op(
     m_max = m.amax(0)  # [N]
     w = torch.exp(m - m_max)  # [S, N]
     s_tot = (w * s).sum(0)
-    lse = m_max + torch.log(s_tot)
-    logp = tgt_logit.amax(0) - lse
+    log_sum = torch.log(s_tot)
+    logp = (tgt_logit.amax(0) - m_max) - log_sum
     if with_entropy:
         t_tot = (w * (t + (m - m_max) * s)).sum(0)
-        entropy = torch.log(s_tot) - t_tot / s_tot
+        entropy = log_sum - t_tot / s_tot
     else:
         entropy = hidden.new_empty(0, dtype=torch.float32)
-    return logp, entropy, lse
+    return logp, entropy, torch.stack([m_max, log_sum])
 
 
 @linear_logprobs_op.register_fake
 def _(hidden, weight, targets, temperature, with_entropy):
     N = hidden.shape[0]
     f32 = dict(dtype=torch.float32)
-    return hidden.new_empty(N, **f32), hidden.new_empty(N if with_entropy else 0, **f32), hidden.new_empty(N, **f32)
+    return hidden.new_empty(N, **f32), hidden.new_empty(N if with_entropy else 0, **f32), hidden.new_empty(2, N, **f32)
 
 
 @torch.library.custom_op("rto::linear_logprobs_backward", mutates_args=())
@@ -291,7 +297,7 @@ def linear_logprobs_backward_op(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     entropy: torch.Tensor,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +318,7 @@ def linear_logprobs_backward_op(
         dz_c = dz[:, : v1 - v0]
         if N > 0:
             _linear_dz_kernel[(triton.cdiv(N, cfg["BM"]), triton.cdiv(v1 - v0, cfg["BV"]))](
-                hidden, weight, targets, lse, g_logp, entropy if with_entropy else lse, g_ent, dz_c,
+                hidden, weight, targets, stats, g_logp, entropy if with_entropy else g_logp, g_ent, dz_c,
                 N, H, v0, v1, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
                 ENTROPY=with_entropy, **_dot_flags(hidden), **cfg,
             )
@@ -322,24 +328,24 @@ def linear_logprobs_backward_op(
 
 
 @linear_logprobs_backward_op.register_fake
-def _(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, temperature):
+def _(grad_logp, grad_entropy, hidden, weight, targets, stats, entropy, temperature):
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
 def _linear_setup_context(ctx, inputs, output):
     hidden, weight, targets, temperature, with_entropy = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+    _, entropy, stats = output
+    ctx.save_for_backward(hidden, weight, targets, stats, entropy)
     ctx.temperature = temperature
     ctx.with_entropy = with_entropy
 
 
-def _linear_backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    hidden, weight, targets, lse, entropy = ctx.saved_tensors
+def _linear_backward(ctx, grad_logp, grad_entropy, _grad_stats):
+    hidden, weight, targets, stats, entropy = ctx.saved_tensors
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+        grad_logp = torch.zeros_like(stats[0])
     grad_entropy = grad_entropy if ctx.with_entropy else None
-    grad_h, grad_w = linear_logprobs_backward_op(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy,
+    grad_h, grad_w = linear_logprobs_backward_op(grad_logp, grad_entropy, hidden, weight, targets, stats, entropy,
                                                  ctx.temperature)
     return grad_h, grad_w, None, None, None
 
@@ -354,26 +360,26 @@ torch.library.register_autograd("rto::linear_logprobs", _linear_backward, setup_
 def logprobs_from_logits_op(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (logp [N], entropy [N] or [0], lse [N]), all fp32; lse is kept for the backward."""
+    """Returns (logp [N], entropy [N] or [0], stats [2, N]), all fp32, as for linear_logprobs."""
     logits = row_major(logits)
     N, V = logits.shape
     cfg = _logits_blocks()
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
-    lse = torch.empty_like(logp)
+    stats = torch.empty(2, N, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=logits.device)
     if N > 0:
         _logits_fwd_kernel[(triton.cdiv(N, cfg["BM"]),)](
-            logits, targets, logp, lse, entropy if with_entropy else lse,
+            logits, targets, logp, stats, entropy if with_entropy else logp,
             N, V, logits.stride(0), 1.0 / temperature, ENTROPY=with_entropy, **cfg,
         )
-    return logp, entropy, lse
+    return logp, entropy, stats
 
 
 @logprobs_from_logits_op.register_fake
 def _(logits, targets, temperature, with_entropy):
     N = logits.shape[0]
     f32 = dict(dtype=torch.float32)
-    return logits.new_empty(N, **f32), logits.new_empty(N if with_entropy else 0, **f32), logits.new_empty(N, **f32)
+    return logits.new_empty(N, **f32), logits.new_empty(N if with_entropy else 0, **f32), logits.new_empty(2, N, **f32)
 
 
 @torch.library.custom_op("rto::logprobs_from_logits_backward", mutates_args=())
@@ -382,7 +388,7 @@ def logprobs_from_logits_backward_op(
     grad_entropy: torch.Tensor | None,
     logits: torch.Tensor,
     targets: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     entropy: torch.Tensor,
     temperature: float,
 ) -> torch.Tensor:
@@ -396,31 +402,31 @@ def logprobs_from_logits_backward_op(
     g_ent = grad_entropy.float().contiguous() if with_entropy else g_logp
     if N > 0:
         _logits_bwd_kernel[(triton.cdiv(N, cfg["BM"]), triton.cdiv(V, cfg["BV"]))](
-            logits, targets, lse, g_logp, entropy if with_entropy else lse, g_ent, grad,
+            logits, targets, stats, g_logp, entropy if with_entropy else g_logp, g_ent, grad,
             N, V, logits.stride(0), grad.stride(0), 1.0 / temperature, ENTROPY=with_entropy, **cfg,
         )
     return grad
 
 
 @logprobs_from_logits_backward_op.register_fake
-def _(grad_logp, grad_entropy, logits, targets, lse, entropy, temperature):
+def _(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature):
     return torch.empty_like(logits)
 
 
 def _logits_setup_context(ctx, inputs, output):
     logits, targets, temperature, with_entropy = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, targets, lse, entropy)
+    _, entropy, stats = output
+    ctx.save_for_backward(logits, targets, stats, entropy)
     ctx.temperature = temperature
     ctx.with_entropy = with_entropy
 
 
-def _logits_backward(ctx, grad_logp, grad_entropy, _grad_lse):
-    logits, targets, lse, entropy = ctx.saved_tensors
+def _logits_backward(ctx, grad_logp, grad_entropy, _grad_stats):
+    logits, targets, stats, entropy = ctx.saved_tensors
     if grad_logp is None:
-        grad_logp = torch.zeros_like(lse)
+        grad_logp = torch.zeros_like(stats[0])
     grad_entropy = grad_entropy if ctx.with_entropy else None
-    grad = logprobs_from_logits_backward_op(grad_logp, grad_entropy, logits, targets, lse, entropy, ctx.temperature)
+    grad = logprobs_from_logits_backward_op(grad_logp, grad_entropy, logits, targets, stats, entropy, ctx.temperature)
     return grad, None, None, None
 
 
