@@ -78,8 +78,19 @@ def token_rewards(
     """Per-token rewards [B, T] fp32: -kl_coef * KL + the DPO token term (per `shaping`) + the score at the
     last valid token. logp, ref_logp, dpo_logp [B, T]; score [B]; mask [B, T] bool."""
     fn = _adv.token_rewards if use_triton(logp) else reference.token_rewards
-    return fn(logp, ref_logp, dpo_logp, score, mask, kl_coef=kl_coef, dpo_scale=dpo_scale, dpo_clip=dpo_clip,
-              score_clip=score_clip, kl_estimator=kl_estimator, shaping=shaping)
+    return fn(
+        logp,
+        ref_logp,
+        dpo_logp,
+        score,
+        mask,
+        kl_coef=kl_coef,
+        dpo_scale=dpo_scale,
+        dpo_clip=dpo_clip,
+        score_clip=score_clip,
+        kl_estimator=kl_estimator,
+        shaping=shaping,
+    )
 
 
 def gae(
@@ -109,6 +120,19 @@ def rto_advantages(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """token_rewards and gae fused in one pass over each row: (rewards, advantages, returns), [B, T] fp32."""
     fn = _adv.rto_advantages if use_triton(logp) else reference.rto_advantages
-    return fn(logp, ref_logp, dpo_logp, score, values, mask, kl_coef=kl_coef, dpo_scale=dpo_scale,
-              dpo_clip=dpo_clip, score_clip=score_clip, kl_estimator=kl_estimator, shaping=shaping, gamma=gamma,
-              lam=lam)
+    return fn(
+        logp,
+        ref_logp,
+        dpo_logp,
+        score,
+        values,
+        mask,
+        kl_coef=kl_coef,
+        dpo_scale=dpo_scale,
+        dpo_clip=dpo_clip,
+        score_clip=score_clip,
+        kl_estimator=kl_estimator,
+        shaping=shaping,
+        gamma=gamma,
+        lam=lam,
+    )

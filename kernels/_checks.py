@@ -38,8 +38,9 @@ def check_gae_inputs(
         if t.shape != rewards.shape:
             raise ValueError(f"{name} must have shape {tuple(rewards.shape)}, got {tuple(t.shape)}")
     if mask.shape != rewards.shape or mask.dtype != torch.bool:
-        raise ValueError(f"mask must be a bool tensor of shape {tuple(rewards.shape)}, "
-                         f"got {mask.dtype} {tuple(mask.shape)}")
+        raise ValueError(
+            f"mask must be a bool tensor of shape {tuple(rewards.shape)}, got {mask.dtype} {tuple(mask.shape)}"
+        )
 
 
 def check_advantage_inputs(

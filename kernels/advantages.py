@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from rto_kernels._checks import SHAPINGS, check_advantage_inputs, check_gae_inputs, KL_ESTIMATORS
+from rto_kernels._checks import KL_ESTIMATORS, SHAPINGS, check_advantage_inputs, check_gae_inputs
 from rto_kernels._runtime import HAS_TRITON, interpreting, row_major
 
 if HAS_TRITON:
@@ -42,9 +42,23 @@ if HAS_TRITON:
 
     @triton.jit
     def _advantages_kernel(
-        logp_ptr, ref_ptr, dpo_ptr, score_ptr, rewards_in_ptr, values_ptr, mask_ptr,
-        rewards_out_ptr, adv_ptr, ret_ptr,
-        T, kl_coef, dpo_scale, dpo_clip, score_clip, gamma, lam,
+        logp_ptr,
+        ref_ptr,
+        dpo_ptr,
+        score_ptr,
+        rewards_in_ptr,
+        values_ptr,
+        mask_ptr,
+        rewards_out_ptr,
+        adv_ptr,
+        ret_ptr,
+        T,
+        kl_coef,
+        dpo_scale,
+        dpo_clip,
+        score_clip,
+        gamma,
+        lam,
         COMPUTE_REWARDS: tl.constexpr,  # rewards from logp/ref/dpo/score; else read rewards_in
         STORE_REWARDS: tl.constexpr,
         DO_GAE: tl.constexpr,
@@ -69,8 +83,7 @@ if HAS_TRITON:
                     t = i * BLOCK_T + idx
                     valid = (t < T) & (tl.load(mask_ptr + base + t, mask=t < T, other=0) != 0)
                     ref = tl.load(ref_ptr + base + t, mask=valid, other=0.0).to(tl.float32)
-                    z_sum += tl.sum(_dpo_term(dpo_ptr + base, ref, t, valid, dpo_scale, dpo_clip, HAS_DPO_CLIP),
-                                    axis=0)
+                    z_sum += tl.sum(_dpo_term(dpo_ptr + base, ref, t, valid, dpo_scale, dpo_clip, HAS_DPO_CLIP), axis=0)
 
         carry_none = 1.0  # 1.0 while no valid position has been seen to the right
         carry_next_v = 0.0  # value of the nearest valid position to the right
@@ -86,9 +99,7 @@ if HAS_TRITON:
                 v1 = tl.load(values_ptr + base + t1, mask=valid1, other=0.0).to(tl.float32)
             else:
                 v1 = tl.zeros([BLOCK_T], dtype=tl.float32)
-            a_nv, b_nv = tl.associative_scan(
-                (tl.where(valid1, 0.0, 1.0), tl.where(valid1, v1, 0.0)), 0, _affine
-            )
+            a_nv, b_nv = tl.associative_scan((tl.where(valid1, 0.0, 1.0), tl.where(valid1, v1, 0.0)), 0, _affine)
             none_right = a_nv * carry_none  # exact 0.0/1.0 products
             next_v = b_nv + a_nv * carry_next_v
 
@@ -173,9 +184,16 @@ def _launch(
     outs = [o if o is not None else dummy for o in out.values()]
     if B > 0 and T > 0:
         _advantages_kernel[(B,)](
-            *ins, mask_u8, *outs,
-            T, float(kl_coef), float(dpo_scale), float(dpo_clip or 0.0), float(score_clip or 0.0),
-            float(gamma), float(lam),
+            *ins,
+            mask_u8,
+            *outs,
+            T,
+            float(kl_coef),
+            float(dpo_scale),
+            float(dpo_clip or 0.0),
+            float(score_clip or 0.0),
+            float(gamma),
+            float(lam),
             COMPUTE_REWARDS=compute_rewards,
             STORE_REWARDS=store_rewards,
             DO_GAE=do_gae,
@@ -209,9 +227,21 @@ def token_rewards_op(
     kl_estimator: str,
     shaping: str,
 ) -> torch.Tensor:
-    rewards, _, _ = _launch(mask=mask, values=None, logp=logp, ref_logp=ref_logp, dpo_logp=dpo_logp, score=score,
-                            kl_coef=kl_coef, dpo_scale=dpo_scale, dpo_clip=dpo_clip, score_clip=score_clip,
-                            kl_estimator=kl_estimator, shaping=shaping, store_rewards=True)
+    rewards, _, _ = _launch(
+        mask=mask,
+        values=None,
+        logp=logp,
+        ref_logp=ref_logp,
+        dpo_logp=dpo_logp,
+        score=score,
+        kl_coef=kl_coef,
+        dpo_scale=dpo_scale,
+        dpo_clip=dpo_clip,
+        score_clip=score_clip,
+        kl_estimator=kl_estimator,
+        shaping=shaping,
+        store_rewards=True,
+    )
     return rewards
 
 
@@ -250,23 +280,63 @@ def rto_advantages_op(
     gamma: float,
     lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch(mask=mask, values=values, logp=logp, ref_logp=ref_logp, dpo_logp=dpo_logp, score=score,
-                   kl_coef=kl_coef, dpo_scale=dpo_scale, dpo_clip=dpo_clip, score_clip=score_clip,
-                   kl_estimator=kl_estimator, shaping=shaping, gamma=gamma, lam=lam, store_rewards=True)
+    return _launch(
+        mask=mask,
+        values=values,
+        logp=logp,
+        ref_logp=ref_logp,
+        dpo_logp=dpo_logp,
+        score=score,
+        kl_coef=kl_coef,
+        dpo_scale=dpo_scale,
+        dpo_clip=dpo_clip,
+        score_clip=score_clip,
+        kl_estimator=kl_estimator,
+        shaping=shaping,
+        gamma=gamma,
+        lam=lam,
+        store_rewards=True,
+    )
 
 
 @rto_advantages_op.register_fake
-def _(logp, ref_logp, dpo_logp, score, values, mask, kl_coef, dpo_scale, dpo_clip, score_clip, kl_estimator, shaping,
-      gamma, lam):
+def _(
+    logp,
+    ref_logp,
+    dpo_logp,
+    score,
+    values,
+    mask,
+    kl_coef,
+    dpo_scale,
+    dpo_clip,
+    score_clip,
+    kl_estimator,
+    shaping,
+    gamma,
+    lam,
+):
     return tuple(torch.empty_like(logp, dtype=torch.float32) for _ in range(3))
 
 
-def token_rewards(logp, ref_logp, dpo_logp, score, mask, *, kl_coef, dpo_scale, dpo_clip, score_clip,
-                  kl_estimator="k1", shaping="rto"):
+def token_rewards(
+    logp, ref_logp, dpo_logp, score, mask, *, kl_coef, dpo_scale, dpo_clip, score_clip, kl_estimator="k1", shaping="rto"
+):
     """Triton path of `rto_kernels.token_rewards` (same contract as the reference)."""
     check_advantage_inputs(logp, ref_logp, dpo_logp, score, mask, kl_estimator=kl_estimator, shaping=shaping)
-    return token_rewards_op(logp, ref_logp, dpo_logp, score, mask, float(kl_coef), float(dpo_scale),
-                            _opt_float(dpo_clip), _opt_float(score_clip), kl_estimator, shaping)
+    return token_rewards_op(
+        logp,
+        ref_logp,
+        dpo_logp,
+        score,
+        mask,
+        float(kl_coef),
+        float(dpo_scale),
+        _opt_float(dpo_clip),
+        _opt_float(score_clip),
+        kl_estimator,
+        shaping,
+    )
 
 
 def gae(rewards, values, mask, *, gamma, lam):
@@ -275,14 +345,42 @@ def gae(rewards, values, mask, *, gamma, lam):
     return gae_op(rewards, values, mask, float(gamma), float(lam))
 
 
-def rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, *, kl_coef, dpo_scale, dpo_clip, score_clip,
-                   kl_estimator="k1", shaping="rto", gamma, lam):
+def rto_advantages(
+    logp,
+    ref_logp,
+    dpo_logp,
+    score,
+    values,
+    mask,
+    *,
+    kl_coef,
+    dpo_scale,
+    dpo_clip,
+    score_clip,
+    kl_estimator="k1",
+    shaping="rto",
+    gamma,
+    lam,
+):
     """Triton path of `rto_kernels.rto_advantages`: rewards and GAE in one pass over each row."""
     check_advantage_inputs(logp, ref_logp, dpo_logp, score, mask, kl_estimator=kl_estimator, shaping=shaping)
     check_gae_inputs(logp, values, mask, names=("logp", "values"))
-    return rto_advantages_op(logp, ref_logp, dpo_logp, score, values, mask, float(kl_coef), float(dpo_scale),
-                             _opt_float(dpo_clip), _opt_float(score_clip), kl_estimator, shaping, float(gamma),
-                             float(lam))
+    return rto_advantages_op(
+        logp,
+        ref_logp,
+        dpo_logp,
+        score,
+        values,
+        mask,
+        float(kl_coef),
+        float(dpo_scale),
+        _opt_float(dpo_clip),
+        _opt_float(score_clip),
+        kl_estimator,
+        shaping,
+        float(gamma),
+        float(lam),
+    )
 
 
 def _opt_float(x: float | None) -> float | None:

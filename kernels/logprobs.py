@@ -61,27 +61,58 @@ if HAS_TRITON:
         return dl * inv_temp
 
     @triton.jit
-    def _logits_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
-                     BM: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-                     DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    def _logits_tile(
+        h_ptr,
+        w_ptr,
+        rows,
+        row_ok,
+        cols,
+        col_ok,
+        H,
+        stride_h,
+        stride_w,
+        BM: tl.constexpr,
+        BV: tl.constexpr,
+        BH: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
         # hidden[rows] @ weight[cols].T in fp32: [BM, BV]
         acc = tl.zeros([BM, BV], dtype=tl.float32)
         for h0 in range(0, H, BH):
             k = h0 + tl.arange(0, BH)
             k_ok = k < H
-            a = tl.load(h_ptr + rows[:, None] * stride_h + k[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # [BM, BH]
-            b = tl.load(w_ptr + cols[None, :] * stride_w + k[:, None], mask=col_ok[None, :] & k_ok[:, None],
-                        other=0.0)  # [BH, BV]
+            a = tl.load(
+                h_ptr + rows[:, None] * stride_h + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )  # [BM, BH]
+            b = tl.load(
+                w_ptr + cols[None, :] * stride_w + k[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0
+            )  # [BH, BV]
             acc = _dot(a, b, acc, DOT_FP32, IEEE)
         return acc
 
     @triton.jit
     def _linear_fwd_kernel(
-        h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, t_ptr, tgt_logit_ptr,
-        N, V, H, stride_h, stride_w, inv_temp, cols_per_split,
-        ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-        BM: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+        h_ptr,
+        w_ptr,
+        tgt_ptr,
+        m_ptr,
+        s_ptr,
+        t_ptr,
+        tgt_logit_ptr,
+        N,
+        V,
+        H,
+        stride_h,
+        stride_w,
+        inv_temp,
+        cols_per_split,
+        ENTROPY: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        IEEE: tl.constexpr,
+        BM: tl.constexpr,
+        BV: tl.constexpr,
+        BH: tl.constexpr,
     ):
         pid_n = tl.program_id(0)
         split = tl.program_id(1)
@@ -97,8 +128,12 @@ if HAS_TRITON:
         for v0 in range(v_start, v_end, BV):
             cols = (v0 + tl.arange(0, BV)).to(tl.int64)
             col_ok = cols < v_end
-            logits = _logits_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
-                                  BM, BV, BH, DOT_FP32, IEEE) * inv_temp
+            logits = (
+                _logits_tile(
+                    h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w, BM, BV, BH, DOT_FP32, IEEE
+                )
+                * inv_temp
+            )
             hit = (cols[None, :] == tgt[:, None]) & col_ok[None, :]
             tgt_logit = tl.maximum(tgt_logit, tl.max(tl.where(hit, logits, float("-inf")), axis=1))
             m, s, t = _online_update(m, s, t, logits, col_ok[None, :], ENTROPY)
@@ -111,18 +146,38 @@ if HAS_TRITON:
 
     @triton.jit
     def _linear_dz_kernel(
-        h_ptr, w_ptr, tgt_ptr, stats_ptr, g_logp_ptr, ent_ptr, g_ent_ptr, dz_ptr,
-        N, H, v_start, v_end, stride_h, stride_w, stride_dz, inv_temp,
-        ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-        BM: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+        h_ptr,
+        w_ptr,
+        tgt_ptr,
+        stats_ptr,
+        g_logp_ptr,
+        ent_ptr,
+        g_ent_ptr,
+        dz_ptr,
+        N,
+        H,
+        v_start,
+        v_end,
+        stride_h,
+        stride_w,
+        stride_dz,
+        inv_temp,
+        ENTROPY: tl.constexpr,
+        DOT_FP32: tl.constexpr,
+        IEEE: tl.constexpr,
+        BM: tl.constexpr,
+        BV: tl.constexpr,
+        BH: tl.constexpr,
     ):
         rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
         row_ok = rows < N
         local = (tl.program_id(1) * BV + tl.arange(0, BV)).to(tl.int64)  # column inside the chunk
         cols = v_start + local
         col_ok = cols < v_end
-        logits = _logits_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
-                              BM, BV, BH, DOT_FP32, IEEE) * inv_temp
+        logits = (
+            _logits_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w, BM, BV, BH, DOT_FP32, IEEE)
+            * inv_temp
+        )
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
         row_max = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
         log_sum = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
@@ -133,16 +188,38 @@ if HAS_TRITON:
         else:
             entropy = log_sum
             g_entropy = log_sum
-        dz = _dlogits(logits, col_ok[None, :], cols[None, :] == tgt[:, None], row_max, log_sum, g_logp, entropy,
-                      g_entropy, inv_temp, ENTROPY)
-        tl.store(dz_ptr + rows[:, None] * stride_dz + local[None, :], dz.to(dz_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
+        dz = _dlogits(
+            logits,
+            col_ok[None, :],
+            cols[None, :] == tgt[:, None],
+            row_max,
+            log_sum,
+            g_logp,
+            entropy,
+            g_entropy,
+            inv_temp,
+            ENTROPY,
+        )
+        tl.store(
+            dz_ptr + rows[:, None] * stride_dz + local[None, :],
+            dz.to(dz_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
 
     @triton.jit
     def _logits_fwd_kernel(
-        x_ptr, tgt_ptr, logp_ptr, stats_ptr, ent_ptr,
-        N, V, stride_x, inv_temp,
-        ENTROPY: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+        x_ptr,
+        tgt_ptr,
+        logp_ptr,
+        stats_ptr,
+        ent_ptr,
+        N,
+        V,
+        stride_x,
+        inv_temp,
+        ENTROPY: tl.constexpr,
+        BM: tl.constexpr,
+        BV: tl.constexpr,
     ):
         rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
         row_ok = rows < N
@@ -155,8 +232,7 @@ if HAS_TRITON:
             cols = (v0 + tl.arange(0, BV)).to(tl.int64)
             col_ok = (cols < V)[None, :]
             # rows past N read zeros (finite), so no -inf - -inf arises in their discarded state
-            logits = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok,
-                             other=0.0)
+            logits = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok, other=0.0)
             logits = logits.to(tl.float32) * inv_temp
             hit = (cols[None, :] == tgt[:, None]) & col_ok
             tgt_logit = tl.maximum(tgt_logit, tl.max(tl.where(hit, logits, float("-inf")), axis=1))
@@ -170,9 +246,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _logits_bwd_kernel(
-        x_ptr, tgt_ptr, stats_ptr, g_logp_ptr, ent_ptr, g_ent_ptr, dx_ptr,
-        N, V, stride_x, stride_dx, inv_temp,
-        ENTROPY: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr,
+        x_ptr,
+        tgt_ptr,
+        stats_ptr,
+        g_logp_ptr,
+        ent_ptr,
+        g_ent_ptr,
+        dx_ptr,
+        N,
+        V,
+        stride_x,
+        stride_dx,
+        inv_temp,
+        ENTROPY: tl.constexpr,
+        BM: tl.constexpr,
+        BV: tl.constexpr,
     ):
         rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
         row_ok = rows < N
@@ -190,8 +278,18 @@ if HAS_TRITON:
         else:
             entropy = log_sum
             g_entropy = log_sum
-        dx = _dlogits(logits, valid, cols[None, :] == tgt[:, None], row_max, log_sum, g_logp, entropy, g_entropy,
-                      inv_temp, ENTROPY)
+        dx = _dlogits(
+            logits,
+            valid,
+            cols[None, :] == tgt[:, None],
+            row_max,
+            log_sum,
+            g_logp,
+            entropy,
+            g_entropy,
+            inv_temp,
+            ENTROPY,
+        )
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
@@ -201,9 +299,11 @@ if HAS_TRITON:
 DZ_CHUNK_BYTES = 256 * 2**20
 
 
-def _linear_blocks() -> dict:
+def _linear_blocks(dtype: torch.dtype) -> dict:
     if interpreting():  # small tiles: test shapes span several tiles in every dimension
         return dict(BM=16, BV=32, BH=16, num_warps=1, num_stages=1)
+    if dtype == torch.float32:  # 4-byte operands: halve the K tile to stay within shared memory
+        return dict(BM=128, BV=128, BH=32, num_warps=8, num_stages=3)
     return dict(BM=128, BV=128, BH=64, num_warps=8, num_stages=3)
 
 
@@ -229,22 +329,29 @@ def _dot_flags(x: torch.Tensor) -> dict:
     return dict(DOT_FP32=interpreting(), IEEE=x.dtype == torch.float32 and not interpreting())
 
 
+# aten::mm.dtype (low-precision operands, fp32 result) exists in recent PyTorch, on CUDA only.
+_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+
+
 def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with an fp32 result (fp32 accumulation) for low-precision operands."""
     if a.dtype == torch.float32:
         return a @ b
-    if a.is_cuda:
+    if a.is_cuda and _MM_OUT_DTYPE:
         return torch.mm(a, b, out_dtype=torch.float32)
+    if a.is_cuda:  # older PyTorch: fp32 accumulation inside cuBLAS, rounded once per chunk
+        return (a @ b).float()
     return a.float() @ b.float()
 
 
 def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_logprobs: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
+        raise ValueError(
+            f"linear_logprobs: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"linear_logprobs: hidden and weight must share a dtype, got {hidden.dtype} and "
-                        f"{weight.dtype}")
+        raise TypeError(f"linear_logprobs: hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
     check_logprob_inputs(hidden.new_empty(hidden.shape[0], 0), targets, temperature)
 
 
@@ -260,14 +367,28 @@ def linear_logprobs_op(
     hidden, weight = row_major(hidden), row_major(weight)
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = _linear_blocks()
+    cfg = _linear_blocks(hidden.dtype)
     splits, cols = _num_splits(N, V, cfg["BM"], cfg["BV"], hidden.device)
     part = torch.empty(4, splits, N, dtype=torch.float32, device=hidden.device)  # m, s, t, target logit
     if N > 0:
         _linear_fwd_kernel[(triton.cdiv(N, cfg["BM"]), splits)](
-            hidden, weight, targets, part[0], part[1], part[2], part[3],
-            N, V, H, hidden.stride(0), weight.stride(0), 1.0 / temperature, cols,
-            ENTROPY=with_entropy, **_dot_flags(hidden), **cfg,
+            hidden,
+            weight,
+            targets,
+            part[0],
+            part[1],
+            part[2],
+            part[3],
+            N,
+            V,
+            H,
+            hidden.stride(0),
+            weight.stride(0),
+            1.0 / temperature,
+            cols,
+            ENTROPY=with_entropy,
+            **_dot_flags(hidden),
+            **cfg,
         )
     m, s, t, tgt_logit = part.unbind(0)  # each [S, N]
     m_max = m.amax(0)  # [N]
@@ -305,7 +426,7 @@ def linear_logprobs_backward_op(
     hidden, weight = row_major(hidden), row_major(weight)
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = _linear_blocks()
+    cfg = _linear_blocks(hidden.dtype)
     grad_w = torch.empty_like(weight)
     grad_h = torch.zeros(N, H, dtype=torch.float32, device=hidden.device)
     with_entropy = grad_entropy is not None
@@ -318,9 +439,25 @@ def linear_logprobs_backward_op(
         dz_c = dz[:, : v1 - v0]
         if N > 0:
             _linear_dz_kernel[(triton.cdiv(N, cfg["BM"]), triton.cdiv(v1 - v0, cfg["BV"]))](
-                hidden, weight, targets, stats, g_logp, entropy if with_entropy else g_logp, g_ent, dz_c,
-                N, H, v0, v1, hidden.stride(0), weight.stride(0), dz.stride(0), 1.0 / temperature,
-                ENTROPY=with_entropy, **_dot_flags(hidden), **cfg,
+                hidden,
+                weight,
+                targets,
+                stats,
+                g_logp,
+                entropy if with_entropy else g_logp,
+                g_ent,
+                dz_c,
+                N,
+                H,
+                v0,
+                v1,
+                hidden.stride(0),
+                weight.stride(0),
+                dz.stride(0),
+                1.0 / temperature,
+                ENTROPY=with_entropy,
+                **_dot_flags(hidden),
+                **cfg,
             )
         torch.mm(dz_c.T, hidden, out=grad_w[v0:v1])  # [chunk, H]: these rows of dW are complete
         grad_h += _mm_fp32(dz_c, weight[v0:v1])  # [N, H]
@@ -345,8 +482,9 @@ def _linear_backward(ctx, grad_logp, grad_entropy, _grad_stats):
     if grad_logp is None:
         grad_logp = torch.zeros_like(stats[0])
     grad_entropy = grad_entropy if ctx.with_entropy else None
-    grad_h, grad_w = linear_logprobs_backward_op(grad_logp, grad_entropy, hidden, weight, targets, stats, entropy,
-                                                 ctx.temperature)
+    grad_h, grad_w = linear_logprobs_backward_op(
+        grad_logp, grad_entropy, hidden, weight, targets, stats, entropy, ctx.temperature
+    )
     return grad_h, grad_w, None, None, None
 
 
@@ -369,8 +507,17 @@ def logprobs_from_logits_op(
     entropy = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=logits.device)
     if N > 0:
         _logits_fwd_kernel[(triton.cdiv(N, cfg["BM"]),)](
-            logits, targets, logp, stats, entropy if with_entropy else logp,
-            N, V, logits.stride(0), 1.0 / temperature, ENTROPY=with_entropy, **cfg,
+            logits,
+            targets,
+            logp,
+            stats,
+            entropy if with_entropy else logp,
+            N,
+            V,
+            logits.stride(0),
+            1.0 / temperature,
+            ENTROPY=with_entropy,
+            **cfg,
         )
     return logp, entropy, stats
 
@@ -402,8 +549,20 @@ def logprobs_from_logits_backward_op(
     g_ent = grad_entropy.float().contiguous() if with_entropy else g_logp
     if N > 0:
         _logits_bwd_kernel[(triton.cdiv(N, cfg["BM"]), triton.cdiv(V, cfg["BV"]))](
-            logits, targets, stats, g_logp, entropy if with_entropy else g_logp, g_ent, grad,
-            N, V, logits.stride(0), grad.stride(0), 1.0 / temperature, ENTROPY=with_entropy, **cfg,
+            logits,
+            targets,
+            stats,
+            g_logp,
+            entropy if with_entropy else g_logp,
+            g_ent,
+            grad,
+            N,
+            V,
+            logits.stride(0),
+            grad.stride(0),
+            1.0 / temperature,
+            ENTROPY=with_entropy,
+            **cfg,
         )
     return grad
 

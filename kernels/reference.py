@@ -56,8 +56,10 @@ def linear_logprobs(
     the accumulation dtype; the Triton kernel never does.
     """
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"linear_logprobs: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} "
-                         f"and {tuple(weight.shape)}")
+        raise ValueError(
+            f"linear_logprobs: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
     acc = _acc_dtype(hidden, weight)
     logits = hidden.to(acc) @ weight.to(acc).T  # [N, V]
     return logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy)
@@ -173,7 +175,18 @@ def rto_advantages(
     lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """token_rewards then gae. Returns (rewards, advantages, returns), each [B, T]."""
-    rewards = token_rewards(logp, ref_logp, dpo_logp, score, mask, kl_coef=kl_coef, dpo_scale=dpo_scale,
-                            dpo_clip=dpo_clip, score_clip=score_clip, kl_estimator=kl_estimator, shaping=shaping)
+    rewards = token_rewards(
+        logp,
+        ref_logp,
+        dpo_logp,
+        score,
+        mask,
+        kl_coef=kl_coef,
+        dpo_scale=dpo_scale,
+        dpo_clip=dpo_clip,
+        score_clip=score_clip,
+        kl_estimator=kl_estimator,
+        shaping=shaping,
+    )
     adv, returns = gae(rewards, values, mask, gamma=gamma, lam=lam)
     return rewards, adv, returns

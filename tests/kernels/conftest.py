@@ -13,5 +13,7 @@ import torch
 from rto_kernels import interpreting
 
 if not interpreting() and not torch.cuda.is_available():
-    raise pytest.UsageError("tests/kernels runs the Triton kernels: set TRITON_INTERPRET=1 on a CPU machine "
-                            "(`make test` does), or run on a CUDA machine")
+    raise pytest.UsageError(
+        "tests/kernels runs the Triton kernels: set TRITON_INTERPRET=1 on a CPU machine "
+        "(`make test` does), or run on a CUDA machine"
+    )

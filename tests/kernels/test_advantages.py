@@ -57,8 +57,16 @@ SETTINGS = list(itertools.product(["ppo", "rto", "rs-ppo", "ddpo"], ["k1", "k2",
 def test_rto_advantages_matches_fp64(gen, device, B, T, shaping, kl_estimator):
     logp, ref_logp, dpo_logp, score, values, mask = _batch(gen, B, T, device)
     clip = (B * T) % 2 == 0  # half the shapes with both clips, half with none
-    kw = dict(kl_coef=0.05, dpo_scale=0.5, dpo_clip=0.2 if clip else None, score_clip=5.0 if clip else None,
-              kl_estimator=kl_estimator, shaping=shaping, gamma=0.99, lam=0.95)
+    kw = dict(
+        kl_coef=0.05,
+        dpo_scale=0.5,
+        dpo_clip=0.2 if clip else None,
+        score_clip=5.0 if clip else None,
+        kl_estimator=kl_estimator,
+        shaping=shaping,
+        gamma=0.99,
+        lam=0.95,
+    )
     got = adv_mod.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw)
     truth = reference.rto_advantages(*_fp64(logp, ref_logp, dpo_logp, score, values), mask, **kw)
     for name, g, t in zip(["rewards", "advantages", "returns"], got, truth):
@@ -66,8 +74,9 @@ def test_rto_advantages_matches_fp64(gen, device, B, T, shaping, kl_estimator):
         assert_close_to_truth(name, g, t, None, ATOL[torch.float32])
     _assert_masked_zero(mask, *got)
     # the separate ops agree with the fused one
-    rewards = adv_mod.token_rewards(logp, ref_logp, dpo_logp, score, mask, **{
-        k: v for k, v in kw.items() if k not in ("gamma", "lam")})
+    rewards = adv_mod.token_rewards(
+        logp, ref_logp, dpo_logp, score, mask, **{k: v for k, v in kw.items() if k not in ("gamma", "lam")}
+    )
     torch.testing.assert_close(rewards, got[0], rtol=0, atol=1e-6)
     adv, ret = adv_mod.gae(got[0], values, mask, gamma=0.99, lam=0.95)
     torch.testing.assert_close(adv, got[1], rtol=0, atol=1e-5)
@@ -103,8 +112,16 @@ def test_gae_long_undiscounted_row(gen, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_inputs(gen, device):
     logp, ref_logp, dpo_logp, score, values, mask = _batch(gen, 3, 40, device, dtype=torch.bfloat16)
-    kw = dict(kl_coef=0.01, dpo_scale=0.05, dpo_clip=0.05, score_clip=10.0, kl_estimator="k3", shaping="rto",
-              gamma=1.0, lam=0.95)
+    kw = dict(
+        kl_coef=0.01,
+        dpo_scale=0.05,
+        dpo_clip=0.05,
+        score_clip=10.0,
+        kl_estimator="k3",
+        shaping="rto",
+        gamma=1.0,
+        lam=0.95,
+    )
     got = adv_mod.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw)
     truth = reference.rto_advantages(*_fp64(logp, ref_logp, dpo_logp, score, values), mask, **kw)
     for name, g, t in zip(["rewards", "advantages", "returns"], got, truth):
@@ -117,8 +134,20 @@ def test_all_rows_empty_and_zero_length(device):
     z = torch.zeros(B, T, device=device)
     mask = torch.zeros(B, T, dtype=torch.bool, device=device)
     nan = torch.full((B, T), float("nan"), device=device)
-    r, a, ret = adv_mod.rto_advantages(nan, nan, nan, torch.full((B,), float("nan"), device=device), nan, mask,
-                                       kl_coef=0.1, dpo_scale=1.0, dpo_clip=None, score_clip=None, gamma=1.0, lam=1.0)
+    r, a, ret = adv_mod.rto_advantages(
+        nan,
+        nan,
+        nan,
+        torch.full((B,), float("nan"), device=device),
+        nan,
+        mask,
+        kl_coef=0.1,
+        dpo_scale=1.0,
+        dpo_clip=None,
+        score_clip=None,
+        gamma=1.0,
+        lam=1.0,
+    )
     for out in (r, a, ret):
         torch.testing.assert_close(out, z, rtol=0, atol=0)
     empty = torch.zeros(2, 0, device=device)
@@ -131,8 +160,10 @@ def test_public_ops_dispatch_to_triton(gen, device):
     logp, ref_logp, dpo_logp, score, values, mask = _batch(gen, 2, 9, device)
     assert rto_kernels.use_triton(logp)
     kw = dict(kl_coef=0.1, dpo_scale=1.0, dpo_clip=None, score_clip=None, gamma=1.0, lam=0.9)
-    for a, b in zip(rto_kernels.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw),
-                    adv_mod.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw)):
+    for a, b in zip(
+        rto_kernels.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw),
+        adv_mod.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw),
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -156,13 +187,18 @@ def test_bad_arguments_raise_clear_errors(gen):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_advantage_ops(gen, device):
     logp, ref_logp, dpo_logp, score, values, mask = _batch(gen, 3, 20, device, plant_nan=False)
-    torch.library.opcheck(torch.ops.rto.token_rewards.default,
-                          (logp, ref_logp, dpo_logp, score, mask, 0.1, 0.5, 0.2, 10.0, "k3", "rs-ppo"))
-    torch.library.opcheck(torch.ops.rto.token_rewards.default,
-                          (logp, ref_logp, None, score, mask, 0.1, 0.5, None, None, "k1", "ppo"))
+    torch.library.opcheck(
+        torch.ops.rto.token_rewards.default,
+        (logp, ref_logp, dpo_logp, score, mask, 0.1, 0.5, 0.2, 10.0, "k3", "rs-ppo"),
+    )
+    torch.library.opcheck(
+        torch.ops.rto.token_rewards.default, (logp, ref_logp, None, score, mask, 0.1, 0.5, None, None, "k1", "ppo")
+    )
     torch.library.opcheck(torch.ops.rto.gae.default, (logp, values, mask, 0.99, 0.95))
-    torch.library.opcheck(torch.ops.rto.rto_advantages.default,
-                          (logp, ref_logp, dpo_logp, score, values, mask, 0.1, 0.5, 0.2, 10.0, "k2", "ddpo", 1.0, 0.95))
+    torch.library.opcheck(
+        torch.ops.rto.rto_advantages.default,
+        (logp, ref_logp, dpo_logp, score, values, mask, 0.1, 0.5, 0.2, 10.0, "k2", "ddpo", 1.0, 0.95),
+    )
 
 
 @pytest.mark.gpu
@@ -170,8 +206,16 @@ def test_opcheck_advantage_ops(gen, device):
 @pytest.mark.parametrize("shaping", ["rto", "rs-ppo"])
 def test_rto_advantages_realistic_gpu(gen, shaping):
     logp, ref_logp, dpo_logp, score, values, mask = _batch(gen, 512, 2048, "cuda")
-    kw = dict(kl_coef=0.01, dpo_scale=0.05, dpo_clip=0.05, score_clip=10.0, kl_estimator="k1", shaping=shaping,
-              gamma=1.0, lam=0.95)
+    kw = dict(
+        kl_coef=0.01,
+        dpo_scale=0.05,
+        dpo_clip=0.05,
+        score_clip=10.0,
+        kl_estimator="k1",
+        shaping=shaping,
+        gamma=1.0,
+        lam=0.95,
+    )
     got = adv_mod.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw)
     truth = reference.rto_advantages(*_fp64(logp, ref_logp, dpo_logp, score, values), mask, **kw)
     for name, g, t in zip(["rewards", "advantages", "returns"], got, truth):

@@ -56,8 +56,9 @@ def _check_against_truth(triton_fn, eager_fn, ref_fn, inputs, gen, temperature, 
     g_ent = torch.randn(N, generator=gen, dtype=torch.float64).to(device)
     got = _run(triton_fn, inputs, g_logp.float(), g_ent.float(), temperature=temperature)
     eager = _run(eager_fn, inputs, g_logp.to(inputs[0].dtype), g_ent.to(inputs[0].dtype), temperature=temperature)
-    truth = _run(ref_fn, [x.double() if x.is_floating_point() else x for x in inputs], g_logp, g_ent,
-                 temperature=temperature)
+    truth = _run(
+        ref_fn, [x.double() if x.is_floating_point() else x for x in inputs], g_logp, g_ent, temperature=temperature
+    )
     for name, out, e, t in zip(["logp", "entropy"] + names, got, eager, truth):
         if t is None:
             continue
@@ -82,8 +83,16 @@ def _check_against_truth(triton_fn, eager_fn, ref_fn, inputs, gen, temperature, 
 )
 def test_linear_logprobs_matches_fp64(gen, device, N, H, V, temperature, dtype):
     inputs = _linear_case(gen, N, H, V, dtype, device)
-    _check_against_truth(lp_mod.linear_logprobs, _eager_linear, reference.linear_logprobs, inputs, gen,
-                         temperature, ATOL[dtype], ["grad_hidden", "grad_weight", None])
+    _check_against_truth(
+        lp_mod.linear_logprobs,
+        _eager_linear,
+        reference.linear_logprobs,
+        inputs,
+        gen,
+        temperature,
+        ATOL[dtype],
+        ["grad_hidden", "grad_weight", None],
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -92,8 +101,16 @@ def test_linear_logprobs_extreme_logits(gen, device, kind):
     offset, spread = (-1e4, None) if kind == "around_-1e4" else (0.0, 1e4)
     inputs = _linear_case(gen, 19, 24, 300, torch.float32, device, offset=offset, spread=spread)
     # at |logit| ~ 1e4 one fp32 ulp is ~1e-3: the floor scales with the magnitude
-    _check_against_truth(lp_mod.linear_logprobs, _eager_linear, reference.linear_logprobs, inputs, gen, 1.0, 1e-2,
-                         ["grad_hidden", "grad_weight", None])
+    _check_against_truth(
+        lp_mod.linear_logprobs,
+        _eager_linear,
+        reference.linear_logprobs,
+        inputs,
+        gen,
+        1.0,
+        1e-2,
+        ["grad_hidden", "grad_weight", None],
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -139,8 +156,16 @@ def test_linear_logprobs_strided_hidden(gen, device):
 def test_logprobs_from_logits_matches_fp64(gen, device, N, V, temperature, dtype):
     logits = (torch.randn(N, V, generator=gen) * 3).to(dtype).to(device)
     targets = torch.randint(0, V, (N,), generator=gen).to(device)
-    _check_against_truth(lp_mod.logprobs_from_logits, _eager_logits, reference.logprobs_from_logits,
-                         [logits, targets], gen, temperature, ATOL[dtype], ["grad_logits", None])
+    _check_against_truth(
+        lp_mod.logprobs_from_logits,
+        _eager_logits,
+        reference.logprobs_from_logits,
+        [logits, targets],
+        gen,
+        temperature,
+        ATOL[dtype],
+        ["grad_logits", None],
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -149,16 +174,28 @@ def test_logprobs_from_logits_extreme(gen, device, kind):
     base = torch.randn(9, 333, generator=gen, dtype=torch.float64)
     logits = base - 1e4 if kind == "around_-1e4" else (torch.rand(9, 333, generator=gen) - 0.5).double() * 1e4
     targets = torch.randint(0, 333, (9,), generator=gen)
-    _check_against_truth(lp_mod.logprobs_from_logits, _eager_logits, reference.logprobs_from_logits,
-                         [logits.float().to(device), targets.to(device)], gen, 1.0, 1e-2, ["grad_logits", None])
+    _check_against_truth(
+        lp_mod.logprobs_from_logits,
+        _eager_logits,
+        reference.logprobs_from_logits,
+        [logits.float().to(device), targets.to(device)],
+        gen,
+        1.0,
+        1e-2,
+        ["grad_logits", None],
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_public_ops_dispatch_to_triton(gen, device):
     hidden, weight, targets = _linear_case(gen, 5, 16, 40, torch.float32, device)
     assert rto_kernels.use_triton(hidden)
-    torch.testing.assert_close(rto_kernels.linear_logprobs(hidden, weight, targets),
-                               lp_mod.linear_logprobs(hidden, weight, targets), rtol=0, atol=0)
+    torch.testing.assert_close(
+        rto_kernels.linear_logprobs(hidden, weight, targets),
+        lp_mod.linear_logprobs(hidden, weight, targets),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_bad_inputs_raise_clear_errors(gen):
@@ -185,10 +222,12 @@ def test_opcheck_logprob_ops(gen, device):
         torch.library.opcheck(torch.ops.rto.logprobs_from_logits.default, (h, targets, 0.9, with_entropy))
     logp, ent, lse = torch.ops.rto.linear_logprobs(hidden.detach(), weight.detach(), targets, 1.0, True)
     g = torch.randn(6, generator=gen).to(device)
-    torch.library.opcheck(torch.ops.rto.linear_logprobs_backward.default,
-                          (g, g, hidden.detach(), weight.detach(), targets, lse, ent, 1.0))
-    torch.library.opcheck(torch.ops.rto.logprobs_from_logits_backward.default,
-                          (g, None, hidden.detach(), targets, lse, ent, 1.0))
+    torch.library.opcheck(
+        torch.ops.rto.linear_logprobs_backward.default, (g, g, hidden.detach(), weight.detach(), targets, lse, ent, 1.0)
+    )
+    torch.library.opcheck(
+        torch.ops.rto.logprobs_from_logits_backward.default, (g, None, hidden.detach(), targets, lse, ent, 1.0)
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -215,8 +254,16 @@ def test_linear_logprobs_under_torch_compile(gen, device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_linear_logprobs_realistic_gpu(gen, dtype):
     inputs = _linear_case(gen, 2048, 1024, 32011, dtype, "cuda")
-    _check_against_truth(lp_mod.linear_logprobs, _eager_linear, reference.linear_logprobs, inputs, gen, 1.0,
-                         ATOL[dtype], ["grad_hidden", "grad_weight", None])
+    _check_against_truth(
+        lp_mod.linear_logprobs,
+        _eager_linear,
+        reference.linear_logprobs,
+        inputs,
+        gen,
+        1.0,
+        ATOL[dtype],
+        ["grad_hidden", "grad_weight", None],
+    )
 
 
 @pytest.mark.gpu
@@ -224,5 +271,13 @@ def test_linear_logprobs_realistic_gpu(gen, dtype):
 def test_logprobs_from_logits_realistic_gpu(gen):
     logits = (torch.randn(4096, 32011, generator=gen) * 3).to(torch.bfloat16).cuda()
     targets = torch.randint(0, 32011, (4096,), generator=gen).cuda()
-    _check_against_truth(lp_mod.logprobs_from_logits, _eager_logits, reference.logprobs_from_logits,
-                         [logits, targets], gen, 1.0, ATOL[torch.bfloat16], ["grad_logits", None])
+    _check_against_truth(
+        lp_mod.logprobs_from_logits,
+        _eager_logits,
+        reference.logprobs_from_logits,
+        [logits, targets],
+        gen,
+        1.0,
+        ATOL[torch.bfloat16],
+        ["grad_logits", None],
+    )

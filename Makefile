@@ -1,0 +1,38 @@
+# One entry point for people and CI. `make test` is what .ci/run calls.
+PY ?= python
+
+.PHONY: setup test test-kernels test-unit lint format bench demo gpu-test
+
+# torch first: a bare torch requirement with no torch installed would pull the CUDA build.
+setup:
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+
+# Kernel tests run the real Triton kernels through the interpreter, which must be chosen before import:
+# they get a process of their own; the rest runs on the reference path.
+test: setup lint test-kernels test-unit
+
+test-kernels:
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/kernels
+
+test-unit:
+	$(PY) -m pytest tests --ignore=tests/kernels
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+# Full-size kernel benchmark on a CUDA machine; small reference shapes on CPU.
+bench:
+	$(PY) benchmarks/bench_kernels.py
+
+# The main job for now: set up, then the kernel benchmark (CPU mode without a GPU), results under runs/.
+demo: setup
+	$(PY) benchmarks/bench_kernels.py --out runs/bench
+
+gpu-test:
+	$(PY) -m pytest -m gpu tests
