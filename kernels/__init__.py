@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from rto_kernels import advantages as _adv
-from rto_kernels import logprobs as _lp
+from rto_kernels import advantages as _advantages  # noqa: F401  (registers the rto:: ops)
+from rto_kernels import logprobs as _logprobs  # noqa: F401  (registers the rto:: ops)
 from rto_kernels import reference
+from rto_kernels._checks import check_advantage_inputs, check_gae_inputs, check_linear_inputs, check_logprob_inputs
 from rto_kernels._runtime import interpreting, use_triton
 
 __all__ = [
@@ -39,9 +40,13 @@ def linear_logprobs(
     hidden [N, H] and weight [V, H] of one dtype (fp32, bf16 or fp16); targets [N] int64 in [0, V).
     Returns logp [N] fp32 (and entropy [N] fp32 if asked); differentiable w.r.t. hidden and weight.
     """
-    if use_triton(hidden):
-        return _lp.linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=return_entropy)
-    return reference.linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=return_entropy)
+    if not use_triton(hidden):
+        return reference.linear_logprobs(
+            hidden, weight, targets, temperature=temperature, return_entropy=return_entropy
+        )
+    check_linear_inputs(hidden, weight, targets, temperature)
+    logp, entropy, _ = torch.ops.rto.linear_logprobs(hidden, weight, targets, float(temperature), bool(return_entropy))
+    return (logp, entropy) if return_entropy else logp
 
 
 def logprobs_from_logits(
@@ -56,9 +61,11 @@ def logprobs_from_logits(
     Returns logp [N] fp32 (and entropy [N]); the backward writes grad_logits in the logits' dtype tile by
     tile, with no fp32 copy of the logits.
     """
-    if use_triton(logits):
-        return _lp.logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy)
-    return reference.logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy)
+    if not use_triton(logits):
+        return reference.logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy)
+    check_logprob_inputs(logits, targets, temperature)
+    logp, entropy, _ = torch.ops.rto.logprobs_from_logits(logits, targets, float(temperature), bool(return_entropy))
+    return (logp, entropy) if return_entropy else logp
 
 
 def token_rewards(
@@ -77,28 +84,22 @@ def token_rewards(
 ) -> torch.Tensor:
     """Per-token rewards [B, T] fp32: -kl_coef * KL + the DPO token term (per `shaping`) + the score at the
     last valid token. logp, ref_logp, dpo_logp [B, T]; score [B]; mask [B, T] bool."""
-    fn = _adv.token_rewards if use_triton(logp) else reference.token_rewards
-    return fn(
-        logp,
-        ref_logp,
-        dpo_logp,
-        score,
-        mask,
-        kl_coef=kl_coef,
-        dpo_scale=dpo_scale,
-        dpo_clip=dpo_clip,
-        score_clip=score_clip,
-        kl_estimator=kl_estimator,
-        shaping=shaping,
-    )
+    reward_kw = dict(kl_coef=kl_coef, dpo_scale=dpo_scale, dpo_clip=dpo_clip, score_clip=score_clip,
+                     kl_estimator=kl_estimator, shaping=shaping)  # fmt: skip
+    if not use_triton(logp):
+        return reference.token_rewards(logp, ref_logp, dpo_logp, score, mask, **reward_kw)
+    check_advantage_inputs(logp, ref_logp, dpo_logp, score, mask, kl_estimator=kl_estimator, shaping=shaping)
+    return torch.ops.rto.token_rewards(logp, ref_logp, dpo_logp, score, mask, *_reward_args(**reward_kw))
 
 
 def gae(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over the valid positions of each row: (advantages, returns), each [B, T] fp32."""
-    fn = _adv.gae if use_triton(rewards) else reference.gae
-    return fn(rewards, values, mask, gamma=gamma, lam=lam)
+    if not use_triton(rewards):
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    check_gae_inputs(rewards, values, mask)
+    return torch.ops.rto.gae(rewards, values, mask, float(gamma), float(lam))
 
 
 def rto_advantages(
@@ -119,20 +120,20 @@ def rto_advantages(
     lam: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """token_rewards and gae fused in one pass over each row: (rewards, advantages, returns), [B, T] fp32."""
-    fn = _adv.rto_advantages if use_triton(logp) else reference.rto_advantages
-    return fn(
-        logp,
-        ref_logp,
-        dpo_logp,
-        score,
-        values,
-        mask,
-        kl_coef=kl_coef,
-        dpo_scale=dpo_scale,
-        dpo_clip=dpo_clip,
-        score_clip=score_clip,
-        kl_estimator=kl_estimator,
-        shaping=shaping,
-        gamma=gamma,
-        lam=lam,
+    reward_kw = dict(kl_coef=kl_coef, dpo_scale=dpo_scale, dpo_clip=dpo_clip, score_clip=score_clip,
+                     kl_estimator=kl_estimator, shaping=shaping)  # fmt: skip
+    if not use_triton(logp):
+        return reference.rto_advantages(
+            logp, ref_logp, dpo_logp, score, values, mask, **reward_kw, gamma=gamma, lam=lam
+        )
+    check_advantage_inputs(logp, ref_logp, dpo_logp, score, mask, kl_estimator=kl_estimator, shaping=shaping)
+    check_gae_inputs(logp, values, mask, names=("logp", "values"))
+    return torch.ops.rto.rto_advantages(
+        logp, ref_logp, dpo_logp, score, values, mask, *_reward_args(**reward_kw), float(gamma), float(lam)
     )
+
+
+def _reward_args(*, kl_coef, dpo_scale, dpo_clip, score_clip, kl_estimator, shaping) -> tuple:
+    """The reward settings as the rto:: ops take them: positional, with plain floats."""
+    opt = lambda x: None if x is None else float(x)  # noqa: E731
+    return float(kl_coef), float(dpo_scale), opt(dpo_clip), opt(score_clip), kl_estimator, shaping

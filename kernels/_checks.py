@@ -28,6 +28,17 @@ def check_logprob_inputs(logits: torch.Tensor, targets: torch.Tensor, temperatur
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"linear_logprobs: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"linear_logprobs: hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    check_logprob_inputs(hidden.new_empty(hidden.shape[0], 0), targets, temperature)
+
+
 def check_gae_inputs(
     rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, names: tuple[str, str] = ("rewards", "values")
 ) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from rto_kernels._checks import KL_ESTIMATORS, SHAPINGS, check_advantage_inputs, check_gae_inputs
+from rto_kernels._checks import KL_ESTIMATORS, SHAPINGS
 from rto_kernels._runtime import HAS_TRITON, interpreting, row_major
 
 if HAS_TRITON:
@@ -317,71 +317,3 @@ def _(
     lam,
 ):
     return tuple(torch.empty_like(logp, dtype=torch.float32) for _ in range(3))
-
-
-def token_rewards(
-    logp, ref_logp, dpo_logp, score, mask, *, kl_coef, dpo_scale, dpo_clip, score_clip, kl_estimator="k1", shaping="rto"
-):
-    """Triton path of `rto_kernels.token_rewards` (same contract as the reference)."""
-    check_advantage_inputs(logp, ref_logp, dpo_logp, score, mask, kl_estimator=kl_estimator, shaping=shaping)
-    return token_rewards_op(
-        logp,
-        ref_logp,
-        dpo_logp,
-        score,
-        mask,
-        float(kl_coef),
-        float(dpo_scale),
-        _opt_float(dpo_clip),
-        _opt_float(score_clip),
-        kl_estimator,
-        shaping,
-    )
-
-
-def gae(rewards, values, mask, *, gamma, lam):
-    """Triton path of `rto_kernels.gae`."""
-    check_gae_inputs(rewards, values, mask)
-    return gae_op(rewards, values, mask, float(gamma), float(lam))
-
-
-def rto_advantages(
-    logp,
-    ref_logp,
-    dpo_logp,
-    score,
-    values,
-    mask,
-    *,
-    kl_coef,
-    dpo_scale,
-    dpo_clip,
-    score_clip,
-    kl_estimator="k1",
-    shaping="rto",
-    gamma,
-    lam,
-):
-    """Triton path of `rto_kernels.rto_advantages`: rewards and GAE in one pass over each row."""
-    check_advantage_inputs(logp, ref_logp, dpo_logp, score, mask, kl_estimator=kl_estimator, shaping=shaping)
-    check_gae_inputs(logp, values, mask, names=("logp", "values"))
-    return rto_advantages_op(
-        logp,
-        ref_logp,
-        dpo_logp,
-        score,
-        values,
-        mask,
-        float(kl_coef),
-        float(dpo_scale),
-        _opt_float(dpo_clip),
-        _opt_float(score_clip),
-        kl_estimator,
-        shaping,
-        float(gamma),
-        float(lam),
-    )
-
-
-def _opt_float(x: float | None) -> float | None:
-    return None if x is None else float(x)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from rto_kernels._checks import check_logprob_inputs
 from rto_kernels._runtime import HAS_TRITON, interpreting, row_major
 
 if HAS_TRITON:
@@ -50,13 +49,34 @@ if HAS_TRITON:
         return m_new, s_new, t
 
     @triton.jit
-    def _dlogits(logits, valid, hit, row_max, log_sum, g_logp, entropy, g_entropy, inv_temp, ENTROPY: tl.constexpr):
-        # d/dz of g_logp * logp_target + g_entropy * entropy, for logits l = z * inv_temp. The log-sum-exp is
-        # kept as (row max, log sum) so that l - max is exact and the softmax sums to 1 at |l| ~ 1e4.
+    def _dlogits(
+        logits,
+        valid,
+        cols,
+        rows,
+        row_ok,
+        N,
+        tgt_ptr,
+        stats_ptr,
+        g_logp_ptr,
+        ent_ptr,
+        g_ent_ptr,
+        inv_temp,
+        ENTROPY: tl.constexpr,
+    ):
+        # d/dz of g_logp * logp_target + g_entropy * entropy for one [BM, BV] tile, logits l = z * inv_temp.
+        # The log-sum-exp comes as (row max, log sum) so that l - max is exact and the softmax sums to 1 at
+        # |l| ~ 1e4.
+        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
+        row_max = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
+        log_sum = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
+        g_logp = tl.load(g_logp_ptr + rows, mask=row_ok, other=0.0)
         logp = (logits - row_max[:, None]) - log_sum[:, None]
         p = tl.exp(tl.where(valid, logp, float("-inf")))
-        dl = tl.where(hit, g_logp[:, None], 0.0) - g_logp[:, None] * p
+        dl = tl.where(cols[None, :] == tgt[:, None], g_logp[:, None], 0.0) - g_logp[:, None] * p
         if ENTROPY:
+            entropy = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
+            g_entropy = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
             dl -= g_entropy[:, None] * p * (logp + entropy[:, None])
         return dl * inv_temp
 
@@ -178,25 +198,18 @@ if HAS_TRITON:
             _logits_tile(h_ptr, w_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w, BM, BV, BH, DOT_FP32, IEEE)
             * inv_temp
         )
-        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        row_max = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-        log_sum = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
-        g_logp = tl.load(g_logp_ptr + rows, mask=row_ok, other=0.0)
-        if ENTROPY:
-            entropy = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-            g_entropy = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
-        else:
-            entropy = log_sum
-            g_entropy = log_sum
         dz = _dlogits(
             logits,
             col_ok[None, :],
-            cols[None, :] == tgt[:, None],
-            row_max,
-            log_sum,
-            g_logp,
-            entropy,
-            g_entropy,
+            cols,
+            rows,
+            row_ok,
+            N,
+            tgt_ptr,
+            stats_ptr,
+            g_logp_ptr,
+            ent_ptr,
+            g_ent_ptr,
             inv_temp,
             ENTROPY,
         )
@@ -268,25 +281,18 @@ if HAS_TRITON:
         valid = row_ok[:, None] & (cols < V)[None, :]
         logits = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=valid, other=0.0)
         logits = logits.to(tl.float32) * inv_temp
-        tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        row_max = tl.load(stats_ptr + rows, mask=row_ok, other=0.0)
-        log_sum = tl.load(stats_ptr + N + rows, mask=row_ok, other=0.0)
-        g_logp = tl.load(g_logp_ptr + rows, mask=row_ok, other=0.0)
-        if ENTROPY:
-            entropy = tl.load(ent_ptr + rows, mask=row_ok, other=0.0)
-            g_entropy = tl.load(g_ent_ptr + rows, mask=row_ok, other=0.0)
-        else:
-            entropy = log_sum
-            g_entropy = log_sum
         dx = _dlogits(
             logits,
             valid,
-            cols[None, :] == tgt[:, None],
-            row_max,
-            log_sum,
-            g_logp,
-            entropy,
-            g_entropy,
+            cols,
+            rows,
+            row_ok,
+            N,
+            tgt_ptr,
+            stats_ptr,
+            g_logp_ptr,
+            ent_ptr,
+            g_ent_ptr,
             inv_temp,
             ENTROPY,
         )
@@ -342,17 +348,6 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.is_cuda:  # older PyTorch: fp32 accumulation inside cuBLAS, rounded once per chunk
         return (a @ b).float()
     return a.float() @ b.float()
-
-
-def _check_linear(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
-    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"linear_logprobs: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} "
-            f"and {tuple(weight.shape)}"
-        )
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"linear_logprobs: hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
-    check_logprob_inputs(hidden.new_empty(hidden.shape[0], 0), targets, temperature)
 
 
 # ---- linear_logprobs as a PyTorch op ----
@@ -469,26 +464,32 @@ def _(grad_logp, grad_entropy, hidden, weight, targets, stats, entropy, temperat
     return torch.empty_like(hidden), torch.empty_like(weight)
 
 
-def _linear_setup_context(ctx, inputs, output):
-    hidden, weight, targets, temperature, with_entropy = inputs
+def _save_for_backward(ctx, inputs, output):
+    *tensors, temperature, with_entropy = inputs  # (hidden, weight, targets) or (logits, targets)
     _, entropy, stats = output
-    ctx.save_for_backward(hidden, weight, targets, stats, entropy)
+    ctx.save_for_backward(*tensors, stats, entropy)
     ctx.temperature = temperature
     ctx.with_entropy = with_entropy
 
 
-def _linear_backward(ctx, grad_logp, grad_entropy, _grad_stats):
-    hidden, weight, targets, stats, entropy = ctx.saved_tensors
-    if grad_logp is None:
-        grad_logp = torch.zeros_like(stats[0])
-    grad_entropy = grad_entropy if ctx.with_entropy else None
-    grad_h, grad_w = linear_logprobs_backward_op(
-        grad_logp, grad_entropy, hidden, weight, targets, stats, entropy, ctx.temperature
-    )
-    return grad_h, grad_w, None, None, None
+def _backward_through(backward_op):
+    """The autograd backward of a log-prob op: its saved tensors through `backward_op`."""
+
+    def backward(ctx, grad_logp, grad_entropy, _grad_stats):
+        *tensors, stats, entropy = ctx.saved_tensors
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(stats[0])
+        grad_entropy = grad_entropy if ctx.with_entropy else None
+        grads = backward_op(grad_logp, grad_entropy, *tensors, stats, entropy, ctx.temperature)
+        grads = grads if isinstance(grads, tuple) else (grads,)
+        return (*grads, None, None, None)  # targets, temperature, with_entropy
+
+    return backward
 
 
-torch.library.register_autograd("rto::linear_logprobs", _linear_backward, setup_context=_linear_setup_context)
+torch.library.register_autograd(
+    "rto::linear_logprobs", _backward_through(linear_logprobs_backward_op), setup_context=_save_for_backward
+)
 
 
 # ---- logprobs_from_logits as a PyTorch op ----
@@ -572,38 +573,6 @@ def _(grad_logp, grad_entropy, logits, targets, stats, entropy, temperature):
     return torch.empty_like(logits)
 
 
-def _logits_setup_context(ctx, inputs, output):
-    logits, targets, temperature, with_entropy = inputs
-    _, entropy, stats = output
-    ctx.save_for_backward(logits, targets, stats, entropy)
-    ctx.temperature = temperature
-    ctx.with_entropy = with_entropy
-
-
-def _logits_backward(ctx, grad_logp, grad_entropy, _grad_stats):
-    logits, targets, stats, entropy = ctx.saved_tensors
-    if grad_logp is None:
-        grad_logp = torch.zeros_like(stats[0])
-    grad_entropy = grad_entropy if ctx.with_entropy else None
-    grad = logprobs_from_logits_backward_op(grad_logp, grad_entropy, logits, targets, stats, entropy, ctx.temperature)
-    return grad, None, None, None
-
-
-torch.library.register_autograd("rto::logprobs_from_logits", _logits_backward, setup_context=_logits_setup_context)
-
-
-# ---- the Triton paths of the public functions ----
-
-
-def linear_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=False):
-    """Triton path of `rto_kernels.linear_logprobs`."""
-    _check_linear(hidden, weight, targets, temperature)
-    logp, entropy, _ = linear_logprobs_op(hidden, weight, targets, float(temperature), bool(return_entropy))
-    return (logp, entropy) if return_entropy else logp
-
-
-def logprobs_from_logits(logits, targets, *, temperature=1.0, return_entropy=False):
-    """Triton path of `rto_kernels.logprobs_from_logits`."""
-    check_logprob_inputs(logits, targets, temperature)
-    logp, entropy, _ = logprobs_from_logits_op(logits, targets, float(temperature), bool(return_entropy))
-    return (logp, entropy) if return_entropy else logp
+torch.library.register_autograd(
+    "rto::logprobs_from_logits", _backward_through(logprobs_from_logits_backward_op), setup_context=_save_for_backward
+)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from rto_kernels._checks import check_advantage_inputs, check_gae_inputs, check_logprob_inputs
+from rto_kernels._checks import check_advantage_inputs, check_gae_inputs, check_linear_inputs, check_logprob_inputs
 
 __all__ = ["gae", "linear_logprobs", "logprobs_from_logits", "rto_advantages", "token_rewards"]
 
@@ -55,11 +55,7 @@ def linear_logprobs(
     hidden [N, H], weight [V, H], targets [N] int64. The reference materialises the [N, V] logits in
     the accumulation dtype; the Triton kernel never does.
     """
-    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"linear_logprobs: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} "
-            f"and {tuple(weight.shape)}"
-        )
+    check_linear_inputs(hidden, weight, targets, temperature)
     acc = _acc_dtype(hidden, weight)
     logits = hidden.to(acc) @ weight.to(acc).T  # [N, V]
     return logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import rto_kernels
-from rto_kernels import advantages as adv_mod
 from rto_kernels import reference
 from tests.kernels._util import DEVICES, assert_close_to_truth
 
@@ -67,18 +66,18 @@ def test_rto_advantages_matches_fp64(gen, device, B, T, shaping, kl_estimator):
         gamma=0.99,
         lam=0.95,
     )
-    got = adv_mod.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw)
+    got = rto_kernels.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw)
     truth = reference.rto_advantages(*_fp64(logp, ref_logp, dpo_logp, score, values), mask, **kw)
     for name, g, t in zip(["rewards", "advantages", "returns"], got, truth):
         assert g.dtype == torch.float32
         assert_close_to_truth(name, g, t, None, ATOL[torch.float32])
     _assert_masked_zero(mask, *got)
     # the separate ops agree with the fused one
-    rewards = adv_mod.token_rewards(
+    rewards = rto_kernels.token_rewards(
         logp, ref_logp, dpo_logp, score, mask, **{k: v for k, v in kw.items() if k not in ("gamma", "lam")}
     )
     torch.testing.assert_close(rewards, got[0], rtol=0, atol=1e-6)
-    adv, ret = adv_mod.gae(got[0], values, mask, gamma=0.99, lam=0.95)
+    adv, ret = rto_kernels.gae(got[0], values, mask, gamma=0.99, lam=0.95)
     torch.testing.assert_close(adv, got[1], rtol=0, atol=1e-5)
     torch.testing.assert_close(ret, got[2], rtol=0, atol=1e-5)
 
@@ -89,7 +88,7 @@ def test_gae_extreme_discounts(gen, device, gamma, lam):
     _, _, _, _, values, mask = _batch(gen, 4, 45, device)
     rewards = torch.randn(4, 45, generator=gen).to(device)
     rewards[~mask] = float("nan")
-    got = adv_mod.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    got = rto_kernels.gae(rewards, values, mask, gamma=gamma, lam=lam)
     truth = reference.gae(*_fp64(rewards, values), mask, gamma=gamma, lam=lam)
     for name, g, t in zip(["advantages", "returns"], got, truth):
         assert_close_to_truth(name, g, t, None, ATOL[torch.float32])
@@ -103,7 +102,7 @@ def test_gae_long_undiscounted_row(gen, device):
     mask = torch.ones(2, T, dtype=torch.bool)
     rewards = torch.full((2, T), 1.0)
     values = torch.zeros(2, T)
-    adv, ret = adv_mod.gae(rewards.to(device), values.to(device), mask.to(device), gamma=1.0, lam=1.0)
+    adv, ret = rto_kernels.gae(rewards.to(device), values.to(device), mask.to(device), gamma=1.0, lam=1.0)
     expected = torch.arange(T, 0, -1, dtype=torch.float32).expand(2, T)  # reward-to-go
     torch.testing.assert_close(adv.cpu(), expected, rtol=0, atol=0)
     torch.testing.assert_close(ret.cpu(), expected, rtol=0, atol=0)
@@ -122,7 +121,7 @@ def test_bf16_inputs(gen, device):
         gamma=1.0,
         lam=0.95,
     )
-    got = adv_mod.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw)
+    got = rto_kernels.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw)
     truth = reference.rto_advantages(*_fp64(logp, ref_logp, dpo_logp, score, values), mask, **kw)
     for name, g, t in zip(["rewards", "advantages", "returns"], got, truth):
         assert_close_to_truth(name, g, t, None, ATOL[torch.bfloat16])
@@ -134,7 +133,7 @@ def test_all_rows_empty_and_zero_length(device):
     z = torch.zeros(B, T, device=device)
     mask = torch.zeros(B, T, dtype=torch.bool, device=device)
     nan = torch.full((B, T), float("nan"), device=device)
-    r, a, ret = adv_mod.rto_advantages(
+    r, a, ret = rto_kernels.rto_advantages(
         nan,
         nan,
         nan,
@@ -151,37 +150,42 @@ def test_all_rows_empty_and_zero_length(device):
     for out in (r, a, ret):
         torch.testing.assert_close(out, z, rtol=0, atol=0)
     empty = torch.zeros(2, 0, device=device)
-    outs = adv_mod.gae(empty, empty, torch.zeros(2, 0, dtype=torch.bool, device=device), gamma=1.0, lam=1.0)
+    outs = rto_kernels.gae(empty, empty, torch.zeros(2, 0, dtype=torch.bool, device=device), gamma=1.0, lam=1.0)
     assert all(o.shape == (2, 0) for o in outs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_public_ops_dispatch_to_triton(gen, device):
+def test_public_ops_dispatch_to_triton(gen, device, monkeypatch):
     logp, ref_logp, dpo_logp, score, values, mask = _batch(gen, 2, 9, device)
     assert rto_kernels.use_triton(logp)
-    kw = dict(kl_coef=0.1, dpo_scale=1.0, dpo_clip=None, score_clip=None, gamma=1.0, lam=0.9)
-    for a, b in zip(
-        rto_kernels.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw),
-        adv_mod.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw),
-    ):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference ran where the Triton kernel should have")
+
+    for name in ("token_rewards", "gae", "rto_advantages"):
+        monkeypatch.setattr(reference, name, refuse)
+    kw = dict(kl_coef=0.1, dpo_scale=1.0, dpo_clip=None, score_clip=None)
+    rewards, adv, ret = rto_kernels.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw, gamma=1.0,
+                                                   lam=0.9)  # fmt: skip
+    torch.testing.assert_close(rto_kernels.token_rewards(logp, ref_logp, dpo_logp, score, mask, **kw), rewards)
+    torch.testing.assert_close(rto_kernels.gae(rewards, values, mask, gamma=1.0, lam=0.9), (adv, ret))
 
 
 def test_bad_arguments_raise_clear_errors(gen):
     logp, ref_logp, dpo_logp, score, values, mask = _batch(gen, 2, 5, "cpu")
     kw = dict(kl_coef=0.1, dpo_scale=1.0, dpo_clip=None, score_clip=None)
     with pytest.raises(ValueError, match="shaping='rto' needs dpo_logp"):
-        adv_mod.token_rewards(logp, ref_logp, None, score, mask, **kw)
+        rto_kernels.token_rewards(logp, ref_logp, None, score, mask, **kw)
     with pytest.raises(ValueError, match="kl_estimator must be one of"):
-        adv_mod.token_rewards(logp, ref_logp, dpo_logp, score, mask, **kw, kl_estimator="k4")
+        rto_kernels.token_rewards(logp, ref_logp, dpo_logp, score, mask, **kw, kl_estimator="k4")
     with pytest.raises(ValueError, match="shaping must be one of"):
-        adv_mod.token_rewards(logp, ref_logp, dpo_logp, score, mask, **kw, shaping="dpo")
+        rto_kernels.token_rewards(logp, ref_logp, dpo_logp, score, mask, **kw, shaping="dpo")
     with pytest.raises(ValueError, match="mask must be a bool tensor"):
-        adv_mod.gae(logp, values, mask.float(), gamma=1.0, lam=1.0)
+        rto_kernels.gae(logp, values, mask.float(), gamma=1.0, lam=1.0)
     with pytest.raises(ValueError, match="score must be \\[B\\]=2"):
-        adv_mod.token_rewards(logp, ref_logp, dpo_logp, score[:1], mask, **kw)
+        rto_kernels.token_rewards(logp, ref_logp, dpo_logp, score[:1], mask, **kw)
     with pytest.raises(ValueError, match="values must have shape"):
-        adv_mod.gae(logp, values[:, :3], mask, gamma=1.0, lam=1.0)
+        rto_kernels.gae(logp, values[:, :3], mask, gamma=1.0, lam=1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -216,7 +220,7 @@ def test_rto_advantages_realistic_gpu(gen, shaping):
         gamma=1.0,
         lam=0.95,
     )
-    got = adv_mod.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw)
+    got = rto_kernels.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw)
     truth = reference.rto_advantages(*_fp64(logp, ref_logp, dpo_logp, score, values), mask, **kw)
     for name, g, t in zip(["rewards", "advantages", "returns"], got, truth):
         assert_close_to_truth(name, g, t, None, 1e-4)  # 2048-step sums in fp32

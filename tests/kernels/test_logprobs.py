@@ -69,6 +69,18 @@ def _check_against_truth(triton_fn, eager_fn, ref_fn, inputs, gen, temperature, 
     return got
 
 
+def _check_linear(inputs, gen, temperature, atol):
+    names = ["grad_hidden", "grad_weight", None]
+    _check_against_truth(rto_kernels.linear_logprobs, _eager_linear, reference.linear_logprobs, inputs, gen,
+                         temperature, atol, names)  # fmt: skip
+
+
+def _check_logits(inputs, gen, temperature, atol):
+    names = ["grad_logits", None]
+    _check_against_truth(rto_kernels.logprobs_from_logits, _eager_logits, reference.logprobs_from_logits, inputs,
+                         gen, temperature, atol, names)  # fmt: skip
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "N,H,V,temperature,dtype",
@@ -83,16 +95,7 @@ def _check_against_truth(triton_fn, eager_fn, ref_fn, inputs, gen, temperature, 
 )
 def test_linear_logprobs_matches_fp64(gen, device, N, H, V, temperature, dtype):
     inputs = _linear_case(gen, N, H, V, dtype, device)
-    _check_against_truth(
-        lp_mod.linear_logprobs,
-        _eager_linear,
-        reference.linear_logprobs,
-        inputs,
-        gen,
-        temperature,
-        ATOL[dtype],
-        ["grad_hidden", "grad_weight", None],
-    )
+    _check_linear(inputs, gen, temperature, ATOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -101,16 +104,7 @@ def test_linear_logprobs_extreme_logits(gen, device, kind):
     offset, spread = (-1e4, None) if kind == "around_-1e4" else (0.0, 1e4)
     inputs = _linear_case(gen, 19, 24, 300, torch.float32, device, offset=offset, spread=spread)
     # at |logit| ~ 1e4 one fp32 ulp is ~1e-3: the floor scales with the magnitude
-    _check_against_truth(
-        lp_mod.linear_logprobs,
-        _eager_linear,
-        reference.linear_logprobs,
-        inputs,
-        gen,
-        1.0,
-        1e-2,
-        ["grad_hidden", "grad_weight", None],
-    )
+    _check_linear(inputs, gen, 1.0, 1e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -121,7 +115,7 @@ def test_linear_logprobs_without_entropy_chunked_backward(gen, device, monkeypat
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h2, w2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     g = torch.randn(23, generator=gen).to(device)
-    logp = lp_mod.linear_logprobs(h1, w1, targets)
+    logp = rto_kernels.linear_logprobs(h1, w1, targets)
     (logp * g).sum().backward()
     truth = reference.linear_logprobs(h2, w2, targets)
     (truth * g.double()).sum().backward()
@@ -136,7 +130,7 @@ def test_linear_logprobs_strided_hidden(gen, device):
     wide, weight, targets = _linear_case(gen, 17, 40, 90, torch.float32, device)
     hidden = wide[:, :29]
     weight = weight[:, :29].contiguous()
-    got = lp_mod.linear_logprobs(hidden, weight, targets)
+    got = rto_kernels.linear_logprobs(hidden, weight, targets)
     truth = reference.linear_logprobs(hidden.double(), weight.double(), targets)
     assert hidden.stride(0) == 40
     assert_close_to_truth("logp", got, truth, None, ATOL[torch.float32])
@@ -156,16 +150,7 @@ def test_linear_logprobs_strided_hidden(gen, device):
 def test_logprobs_from_logits_matches_fp64(gen, device, N, V, temperature, dtype):
     logits = (torch.randn(N, V, generator=gen) * 3).to(dtype).to(device)
     targets = torch.randint(0, V, (N,), generator=gen).to(device)
-    _check_against_truth(
-        lp_mod.logprobs_from_logits,
-        _eager_logits,
-        reference.logprobs_from_logits,
-        [logits, targets],
-        gen,
-        temperature,
-        ATOL[dtype],
-        ["grad_logits", None],
-    )
+    _check_logits([logits, targets], gen, temperature, ATOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -174,40 +159,35 @@ def test_logprobs_from_logits_extreme(gen, device, kind):
     base = torch.randn(9, 333, generator=gen, dtype=torch.float64)
     logits = base - 1e4 if kind == "around_-1e4" else (torch.rand(9, 333, generator=gen) - 0.5).double() * 1e4
     targets = torch.randint(0, 333, (9,), generator=gen)
-    _check_against_truth(
-        lp_mod.logprobs_from_logits,
-        _eager_logits,
-        reference.logprobs_from_logits,
-        [logits.float().to(device), targets.to(device)],
-        gen,
-        1.0,
-        1e-2,
-        ["grad_logits", None],
-    )
+    _check_logits([logits.float().to(device), targets.to(device)], gen, 1.0, 1e-2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_public_ops_dispatch_to_triton(gen, device):
+def test_public_ops_dispatch_to_triton(gen, device, monkeypatch):
     hidden, weight, targets = _linear_case(gen, 5, 16, 40, torch.float32, device)
     assert rto_kernels.use_triton(hidden)
-    torch.testing.assert_close(
-        rto_kernels.linear_logprobs(hidden, weight, targets),
-        lp_mod.linear_logprobs(hidden, weight, targets),
-        rtol=0,
-        atol=0,
-    )
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference ran where the Triton kernel should have")
+
+    monkeypatch.setattr(reference, "linear_logprobs", refuse)
+    monkeypatch.setattr(reference, "logprobs_from_logits", refuse)
+    logp = rto_kernels.linear_logprobs(hidden, weight, targets)
+    raw, _, _ = torch.ops.rto.linear_logprobs(hidden, weight, targets, 1.0, False)
+    torch.testing.assert_close(logp, raw, rtol=0, atol=0)
+    rto_kernels.logprobs_from_logits(hidden, targets)
 
 
 def test_bad_inputs_raise_clear_errors(gen):
     hidden, weight, targets = _linear_case(gen, 4, 8, 10, torch.float32, "cpu")
     with pytest.raises(ValueError, match="weight \\[V, H\\]"):
-        lp_mod.linear_logprobs(hidden, weight[:, :5], targets)
+        rto_kernels.linear_logprobs(hidden, weight[:, :5], targets)
     with pytest.raises(TypeError, match="share a dtype"):
-        lp_mod.linear_logprobs(hidden, weight.double(), targets)
+        rto_kernels.linear_logprobs(hidden, weight.double(), targets)
     with pytest.raises(TypeError, match="targets must be int64"):
-        lp_mod.linear_logprobs(hidden, weight, targets.int())
+        rto_kernels.linear_logprobs(hidden, weight, targets.int())
     with pytest.raises(ValueError, match="temperature must be > 0"):
-        lp_mod.logprobs_from_logits(hidden, targets, temperature=0.0)
+        rto_kernels.logprobs_from_logits(hidden, targets, temperature=0.0)
 
 
 # ---- PyTorch op registration: schema, fake kernels, autograd, and torch.compile ----
@@ -254,16 +234,7 @@ def test_linear_logprobs_under_torch_compile(gen, device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_linear_logprobs_realistic_gpu(gen, dtype):
     inputs = _linear_case(gen, 2048, 1024, 32011, dtype, "cuda")
-    _check_against_truth(
-        lp_mod.linear_logprobs,
-        _eager_linear,
-        reference.linear_logprobs,
-        inputs,
-        gen,
-        1.0,
-        ATOL[dtype],
-        ["grad_hidden", "grad_weight", None],
-    )
+    _check_linear(inputs, gen, 1.0, ATOL[dtype])
 
 
 @pytest.mark.gpu
@@ -271,13 +242,4 @@ def test_linear_logprobs_realistic_gpu(gen, dtype):
 def test_logprobs_from_logits_realistic_gpu(gen):
     logits = (torch.randn(4096, 32011, generator=gen) * 3).to(torch.bfloat16).cuda()
     targets = torch.randint(0, 32011, (4096,), generator=gen).cuda()
-    _check_against_truth(
-        lp_mod.logprobs_from_logits,
-        _eager_logits,
-        reference.logprobs_from_logits,
-        [logits, targets],
-        gen,
-        1.0,
-        ATOL[torch.bfloat16],
-        ["grad_logits", None],
-    )
+    _check_logits([logits, targets], gen, 1.0, ATOL[torch.bfloat16])
