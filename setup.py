@@ -17,8 +17,11 @@ setup(
         # torch present pulls the CUDA build.
         "torch>=2.6",
         "triton>=3.2; platform_system == 'Linux'",
-        "transformers>=4.50",
+        "transformers>=4.56",
         "datasets>=3.0",
+        "omegaconf>=2.3",  # typed configs, YAML recipes, dotted overrides
+        "tensorboard>=2.15",  # training curves (torch.utils.tensorboard)
+        "tqdm>=4.60",
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.8"],

@@ -1,7 +1,12 @@
 """The `rto` command line. Run `rto --help`; one process (`rto <cmd>`) or many (`torchrun -m rto <cmd>`).
 
-Commands so far:
-  info    what this installation will run on: versions, device, and whether the Triton kernels are active.
+Commands:
+  sft     supervised fine-tuning               rto sft --recipe toy model.path=... data.path=...
+  rm      Bradley-Terry reward model           rto rm --recipe toy ...
+  dpo     DPO family (dpo ipo rdpo simpo tdpo) rto dpo --loss ipo ...
+  info    versions, device, and whether the Triton kernels are active
+Settings are `key=value` overrides on top of a recipe (`--recipe NAME` from rto/recipes, or a YAML path);
+`rto <cmd> --help-config` lists every setting with its default and meaning.
 """
 
 from __future__ import annotations
@@ -45,9 +50,53 @@ def cmd_info(_args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_HELP = {
+    "sft": "supervised fine-tuning",
+    "rm": "Bradley-Terry reward model",
+    "dpo": "DPO-family preference optimisation",
+}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rto import config as C
+
+    if args.help_config:
+        print("\n".join(C.describe(C.COMMANDS[args.command])))
+        return 0
+    overrides = list(args.overrides) + ([f"loss={args.loss}"] if getattr(args, "loss", None) else [])
+    try:
+        cfg = C.load_config(args.command, args.recipe, overrides)
+    except C.ConfigError as e:
+        print(f"rto {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(C.to_yaml(cfg))
+        return 0
+    from rto.data import DataError
+    from rto.trainers import dpo, rm, sft
+
+    trainer = {"sft": sft.main, "rm": rm.main, "dpo": dpo.main}[args.command]
+    try:
+        trainer(cfg)
+    except (C.ConfigError, DataError) as e:  # raised before models load: paths, tokenizer, malformed rows
+        kind = "config" if isinstance(e, C.ConfigError) else "data"
+        print(f"rto {args.command}: {kind} error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rto", description="RTO: PPO with a dense DPO token reward, for RLHF.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for name, text in TRAIN_HELP.items():
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--recipe", help="recipe name (rto/recipes/NAME.yaml) or path to a YAML file")
+        if name == "dpo":
+            p.add_argument("--loss", choices=("dpo", "ipo", "rdpo", "simpo", "tdpo"), help="same as loss=...")
+        p.add_argument("--help-config", action="store_true", help="list every setting with default and meaning")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. optim.lr=1e-6")
+        p.set_defaults(fn=cmd_train)
     sub.add_parser("info", help="versions, device and kernel path of this installation").set_defaults(fn=cmd_info)
     return parser
 

@@ -1,0 +1,88 @@
+"""Loss functions of the offline trainers: pure functions over tensors, shapes in the docstrings.
+
+Sequence log-prob sums h(y) = sum_t [log pi(y_t) - log pi_ref(y_t)] over response tokens; formulas from
+REFERENCE.md (DPO, IPO, R-DPO, SimPO, TDPO2, Bradley-Terry).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def sft_loss(logp: torch.Tensor, n_tokens: int | torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood summed over the response tokens of logp [B, T] (0 elsewhere), divided by the
+    number of response tokens of the whole optimizer step (all micro-batches, all ranks)."""
+    return -logp.sum() / n_tokens
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Per-pair -log sigmoid(r_w - r_l) [P]."""
+    return -F.logsigmoid(r_chosen - r_rejected)
+
+
+def preference_loss(
+    loss: str,
+    logp_chosen: torch.Tensor,
+    logp_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    len_chosen: torch.Tensor,
+    len_rejected: torch.Tensor,
+    *,
+    beta: float,
+    rdpo_alpha: float = 0.001,
+    simpo_gamma_beta_ratio: float = 0.5,
+    tdpo_alpha: float = 0.2,
+    kl_chosen: torch.Tensor | None = None,
+    kl_rejected: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses of the DPO family and the implicit rewards used for accuracy and margins.
+
+    logp_* [P]: summed policy log-probs of the responses; ref_* [P]: the reference's (None for SimPO);
+    len_* [P]: response lengths in tokens; kl_* [P]: TDPO's summed per-position KL(ref || policy).
+    Returns (loss [P], reward_chosen [P], reward_rejected [P]); rewards carry no gradient.
+    """
+    if loss == "simpo":
+        r_w = beta * logp_chosen / len_chosen
+        r_l = beta * logp_rejected / len_rejected
+        losses = -F.logsigmoid(r_w - r_l - simpo_gamma_beta_ratio * beta)
+        return losses, r_w.detach(), r_l.detach()
+    h_w = logp_chosen - ref_chosen
+    h_l = logp_rejected - ref_rejected
+    if loss == "dpo":
+        losses = -F.logsigmoid(beta * (h_w - h_l))
+    elif loss == "ipo":
+        losses = (h_w - h_l - 1 / (2 * beta)) ** 2
+    elif loss == "rdpo":
+        losses = -F.logsigmoid(beta * h_w - beta * h_l + rdpo_alpha * (len_chosen - len_rejected))
+    elif loss == "tdpo":
+        if kl_chosen is None or kl_rejected is None:
+            raise ValueError("the tdpo loss needs kl_chosen and kl_rejected")
+        losses = -F.logsigmoid(beta * (h_w - h_l + tdpo_alpha * (kl_chosen.detach() - kl_rejected)))
+    else:
+        raise ValueError(f"unknown preference loss {loss!r}")
+    return losses, beta * h_w.detach(), beta * h_l.detach()
+
+
+def _kl_chunk(h: torch.Tensor, w: torch.Tensor, h_ref: torch.Tensor, w_ref: torch.Tensor) -> torch.Tensor:
+    logp = torch.log_softmax((h @ w.T).float(), dim=-1)  # [C, V]
+    logp_ref = torch.log_softmax((h_ref @ w_ref.T).float(), dim=-1)  # [C, V]
+    return (logp_ref.exp() * (logp_ref - logp)).sum(-1)  # [C]
+
+
+def full_vocab_kl(
+    hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
+    """KL(pi_ref(.|s_t) || pi(.|s_t)) over the full vocabulary at each of N positions -> [N] fp32.
+
+    hidden [N, H] and weight [V, H] of the policy (differentiable), ref_* of the frozen reference. Positions go
+    in chunks under activation checkpointing, so at most one chunk's pair of [chunk, V] logits is alive, in
+    the forward and again in the backward.
+    """
+    out = []
+    for i in range(0, hidden.shape[0], chunk):
+        sl = slice(i, i + chunk)
+        out.append(checkpoint(_kl_chunk, hidden[sl], weight, ref_hidden[sl], ref_weight, use_reentrant=False))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)

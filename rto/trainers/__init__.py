@@ -1,0 +1,1 @@
+"""Trainers: `sft`, `rm`, `dpo` (offline, sharing `offline.fit`)."""

@@ -1,0 +1,242 @@
+"""The loop shared by the offline trainers (SFT, reward model, DPO family), and their set-up.
+
+A trainer supplies a `Task`: the trainable FSDP2 root, the HF model to export, and two functions over a
+micro-batch of items (a loss with its statistics, and evaluation statistics). `fit` is the loop:
+
+    for each optimizer step:  this rank's micro-batches of the global batch
+        -> loss, backward (gradient sync on the last micro-batch only)
+        -> clip, skip the update if the gradient norm is not finite, optimizer and schedule step
+        -> metrics (one all-reduce), evaluation and checkpoint when due
+    -> final evaluation, checkpoint and HF export
+
+Losses are sums divided by the global batch's count (tokens or pairs) and multiplied by the world size,
+because FSDP2 averages gradients over ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rto.checkpoint import checkpoint_dir, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from rto.config import OfflineConfig, to_yaml, validate
+from rto.data import epoch_batches, leftover, load_rows, rank_micro_batches
+from rto.metrics import MetricLogger
+from rto.models import load_tokenizer
+from rto.parallel import Dist, all_reduce_sum, init_distributed
+
+log = logging.getLogger(__name__)
+
+# Statistics are sums (tensors on the device); means are formed after one all-reduce per step.
+Stats = dict[str, torch.Tensor]
+
+
+@dataclass
+class Task:
+    model: nn.Module  # the trainable FSDP2 root
+    hf_model: nn.Module  # what the HF export saves
+    loss: Callable[[list, float], tuple[torch.Tensor, Stats]]  # (items, global count) -> (loss, stats)
+    count: Callable[[list], float]  # the normaliser of a global batch: tokens or pairs
+    eval_stats: Callable[[list, torch.Tensor], Stats]  # (items, weights 0/1) -> sums
+    means: Callable[[dict[str, float]], dict[str, float]]  # summed statistics -> logged metrics
+
+
+@dataclass
+class Context:
+    cfg: OfflineConfig
+    d: Dist
+    run_dir: Path
+    tokenizer: object
+
+
+def setup(cfg: OfflineConfig) -> Context:
+    """Process group, validation against the real world size, logging, run folder, tokenizer."""
+    d = init_distributed()
+    validate(cfg, d.world_size)
+    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    if d.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank (e.g. a new scalar head)
+    return Context(cfg=cfg, d=d, run_dir=run_dir, tokenizer=load_tokenizer(cfg.model))
+
+
+def load_items(ctx: Context, tokenize: Callable) -> tuple[list, list]:
+    """Training and held-out items: rows loaded, validated and tokenised by `tokenize` (data.tokenize_*)."""
+    cfg = ctx.cfg
+    progress = ctx.d.is_main and cfg.run.progress
+    rows = load_rows(cfg.data.path, cfg.data.split)
+    if cfg.data.max_rows is not None:
+        rows = rows.select(range(min(cfg.data.max_rows, len(rows))))
+    name = f"{cfg.data.path}[{cfg.data.split}]"
+    items, _ = tokenize(rows, ctx.tokenizer, cfg.data, name=name, progress=progress)
+    held_out = None
+    if cfg.data.eval_path or cfg.data.eval_split:
+        path, split = cfg.data.eval_path or cfg.data.path, cfg.data.eval_split or cfg.data.split
+        rows = load_rows(path, split, "data.eval_path")
+        held_out, _ = tokenize(rows, ctx.tokenizer, cfg.data, name=f"{path}[{split}]", progress=progress)
+    return split_eval(items, cfg, held_out)
+
+
+def split_eval(items: list, cfg: OfflineConfig, eval_items: list | None) -> tuple[list, list]:
+    """The held-out set: given, or the last eval_fraction of a seeded shuffle of the training items."""
+    if eval_items is not None or cfg.data.eval_fraction == 0:
+        return items, eval_items or []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(cfg.train.seed)).tolist()
+    n_eval = max(1, int(len(items) * cfg.data.eval_fraction))
+    return [items[i] for i in order[:-n_eval]], [items[i] for i in order[-n_eval:]]
+
+
+def cosine_schedule(optimizer, total: int, warmup_ratio: float, min_ratio: float):
+    warmup = int(total * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def evaluate(task: Task, items: Sequence, ctx: Context) -> dict[str, float]:
+    """Statistics over the held-out items, split across ranks. Every rank runs the same number of forwards
+    (FSDP2 gathers are collectives); ranks short of items repeat one with weight 0."""
+    d, mb = ctx.d, ctx.cfg.train.micro_batch_size
+    if not items:
+        return {}
+    per_rank = math.ceil(len(items) / d.world_size)
+    mine = list(items[d.rank * per_rank : (d.rank + 1) * per_rank])
+    weights = [1.0] * len(mine) + [0.0] * (per_rank - len(mine))
+    mine += [items[0]] * (per_rank - len(mine))
+    totals: dict[str, torch.Tensor] = {}
+    task.model.eval()
+    with torch.no_grad():
+        for i in range(0, per_rank, mb):
+            w = torch.tensor(weights[i : i + mb], device=d.device)
+            for k, v in task.eval_stats(mine[i : i + mb], w).items():
+                totals[k] = totals.get(k, 0) + v
+    task.model.train()
+    sums = {k: all_reduce_sum(v, d.device).item() for k, v in totals.items()}  # host sync
+    return {f"eval/{k}": v for k, v in task.means(sums).items()}
+
+
+def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[str, float]:
+    cfg, d = ctx.cfg, ctx.d
+    t, o = cfg.train, cfg.optim
+    steps_per_epoch = len(train_items) // t.global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_items)} training items cannot fill one global batch of "
+                         f"train.global_batch_size={t.global_batch_size}")  # fmt: skip
+    if leftover(len(train_items), t.global_batch_size):
+        log.info("%d of %d training items do not fill a last global batch: each epoch leaves out a different %d "
+                 "(seeded shuffle)", leftover(len(train_items), t.global_batch_size), len(train_items),
+                 leftover(len(train_items), t.global_batch_size))  # fmt: skip
+    total = t.max_steps or steps_per_epoch * t.epochs
+    params = [p for p in task.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = cosine_schedule(optimizer, total, o.warmup_ratio, o.min_lr_ratio)
+
+    step = 0
+    resume = _resume_path(cfg, ctx.run_dir)
+    if resume is not None:
+        state = load_checkpoint(resume, task.model, optimizer, d)
+        if state["n_train"] != len(train_items) or state["global_batch_size"] != t.global_batch_size:
+            raise ValueError(f"cannot resume from {resume}: it was trained on {state['n_train']} items with global "
+                             f"batch {state['global_batch_size']}, this run has {len(train_items)} and "
+                             f"{t.global_batch_size}")  # fmt: skip
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        log.info("resumed from %s at step %d", resume, step)
+
+    logger = MetricLogger(ctx.run_dir, enabled=d.is_main, total_steps=total, initial_step=step,
+                          tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, progress=cfg.run.progress)  # fmt: skip
+    skipped = 0
+    metrics: dict[str, float] = {}
+    epoch_cache: dict[int, list[list[int]]] = {}
+    task.model.train()
+    try:
+        while step < total:
+            epoch, index = divmod(step, steps_per_epoch)
+            if epoch not in epoch_cache:
+                epoch_cache = {epoch: epoch_batches(len(train_items), t.global_batch_size, t.seed, epoch)}
+            batch = epoch_cache[epoch][index]
+            start = time.perf_counter()
+            denom = task.count([train_items[i] for i in batch])
+            micro = rank_micro_batches(batch, d.rank, d.world_size, t.micro_batch_size)
+            totals: dict[str, torch.Tensor] = {}
+            for i, ids in enumerate(micro):
+                task.model.set_requires_gradient_sync(i == len(micro) - 1)
+                loss, stats = task.loss([train_items[j] for j in ids], denom)
+                loss.backward()
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0) + v
+            grad_norm = _clip(params, o.grad_clip)
+            finite = bool(torch.isfinite(grad_norm))  # host sync
+            if finite:
+                optimizer.step()
+            else:
+                skipped += 1
+                log.warning("step %d: gradient norm is %s; update skipped (%d so far)", step + 1, grad_norm.item(),
+                            skipped)  # fmt: skip
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            logger.advance()
+
+            if step % t.log_every == 0 or step == total:
+                sums = {k: all_reduce_sum(v, d.device).item() for k, v in totals.items()}  # host sync
+                elapsed = time.perf_counter() - start
+                metrics = {f"train/{k}": v for k, v in task.means(sums).items()}
+                metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
+                                "train/skipped_updates": skipped, "time/step_s": elapsed})  # fmt: skip
+                if "tokens" in sums:
+                    metrics["throughput/tokens_per_s"] = sums["tokens"] / elapsed
+                logger.log(step, metrics)
+            if t.eval_every and step % t.eval_every == 0 and step < total:
+                logger.log(step, evaluate(task, eval_items, ctx))
+            if t.save_every and step % t.save_every == 0 and step < total:
+                _save(task, optimizer, scheduler, step, len(train_items), ctx)
+        final = evaluate(task, eval_items, ctx)
+        logger.log(step, final)
+        _save(task, optimizer, scheduler, step, len(train_items), ctx)
+        export_hf(task.hf_model, ctx.tokenizer, ctx.run_dir / "hf", d)
+        if d.is_main:
+            log.info("done: %d steps; HF checkpoint in %s", step, ctx.run_dir / "hf")
+        return {**metrics, **final}
+    finally:
+        logger.close()
+
+
+def _clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _resume_path(cfg: OfflineConfig, run_dir: Path) -> Path | None:
+    if cfg.run.resume is None:
+        return None
+    if cfg.run.resume == "auto":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            log.info("run.resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
+        return found
+    path = Path(cfg.run.resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run.resume: no checkpoint folder at {path}")
+    return path
+
+
+def _save(task, optimizer, scheduler, step: int, n_train: int, ctx: Context) -> None:
+    state = {"step": step, "scheduler": scheduler.state_dict(), "n_train": n_train,
+             "global_batch_size": ctx.cfg.train.global_batch_size}  # fmt: skip
+    save_checkpoint(checkpoint_dir(ctx.run_dir, step), task.model, optimizer, state, ctx.d, ctx.cfg.run.keep_last)

@@ -1,0 +1,64 @@
+"""`rto rm`: a Bradley-Terry reward model on preference pairs; its score is the value at the last token.
+
+Run: rto rm --recipe toy model.path=<causal LM or reward model> data.path=<pairs>
+The model is an HF token-classification model with one label (a new scalar head on a causal LM checkpoint).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rto.config import RMConfig
+from rto.data import collate, last_token_index, tokenize_pairs
+from rto.losses import bradley_terry_loss
+from rto.models import ScalarModel, load_scalar_model
+from rto.parallel import shard
+from rto.trainers.offline import Task, fit, load_items, setup
+
+
+def pair_batch(pairs, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Chosen responses in rows [0, P), rejected in [P, 2P) of one padded batch."""
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
+
+
+def build_task(ctx) -> Task:
+    cfg, d = ctx.cfg, ctx.d
+    hf = load_scalar_model(cfg.model.path, cfg.model)
+    model = shard(ScalarModel(hf), hf, cfg.parallel, d.device)
+    pad = ctx.tokenizer.pad_token_id
+    world = d.world_size
+
+    def scores(pairs):
+        b = pair_batch(pairs, pad, d.device)
+        values = model(b["input_ids"], b["attention_mask"])  # [2P, T]
+        s = values.reshape(-1)[last_token_index(b["seq_id"], 2 * len(pairs))]  # [2P]
+        return s[: len(pairs)], s[len(pairs) :]
+
+    def pair_stats(r_w, r_l, losses, w):
+        return {"loss": (losses * w).sum(), "correct": ((r_w > r_l).float() * w).sum(),
+                "margin": ((r_w - r_l) * w).sum(), "pairs": w.sum()}  # fmt: skip
+
+    def loss(pairs, n_pairs):
+        r_w, r_l = scores(pairs)
+        losses = bradley_terry_loss(r_w, r_l)
+        w = torch.ones_like(losses)
+        return losses.sum() / n_pairs * world, pair_stats(r_w.detach(), r_l.detach(), losses.detach(), w)
+
+    def eval_stats(pairs, w):
+        r_w, r_l = scores(pairs)
+        return pair_stats(r_w, r_l, bradley_terry_loss(r_w, r_l), w)
+
+    def means(s):
+        n = max(s["pairs"], 1)
+        return {"loss": s["loss"] / n, "accuracy": s["correct"] / n, "margin": s["margin"] / n}
+
+    return Task(model=model, hf_model=hf, loss=loss, count=lambda items: float(len(items)), eval_stats=eval_stats,
+                means=means)  # fmt: skip
+
+
+def main(cfg: RMConfig) -> dict[str, float]:
+    ctx = setup(cfg)
+    train, held_out = load_items(ctx, tokenize_pairs)
+    task = build_task(ctx)
+    torch.manual_seed(cfg.train.seed + ctx.d.rank)
+    return fit(task, train, held_out, ctx)
