@@ -153,7 +153,8 @@ def encode(tokenizer, prompt: list[dict], response: list[dict], cfg: DataConfig,
         if cfg.overlong == "error":
             raise DataError(f"{report.name} row {i}: prompt has {len(prompt_ids)} tokens, over data.max_prompt_length"
                             f"={cfg.max_prompt_length} (set data.overlong=truncate or drop)")  # fmt: skip
-        report.counts[f"prompts {cfg.overlong}d (over {cfg.max_prompt_length} tokens)"] += 1
+        done = {"drop": "dropped", "truncate": "truncated"}[cfg.overlong]
+        report.counts[f"prompts {done} (over {cfg.max_prompt_length} tokens)"] += 1
         if cfg.overlong == "drop":
             return None
         prompt_ids = prompt_ids[-cfg.max_prompt_length :]  # keep the end: the last turn and generation prompt

@@ -67,8 +67,9 @@ def preference_loss(
 
 
 def _kl_chunk(h: torch.Tensor, w: torch.Tensor, h_ref: torch.Tensor, w_ref: torch.Tensor) -> torch.Tensor:
-    logp = torch.log_softmax((h @ w.T).float(), dim=-1)  # [C, V]
-    logp_ref = torch.log_softmax((h_ref @ w_ref.T).float(), dim=-1)  # [C, V]
+    # hidden chunks take their head's dtype (under mixed precision the gathered reference head stays fp32)
+    logp = torch.log_softmax((h.to(w.dtype) @ w.T).float(), dim=-1)  # [C, V]
+    logp_ref = torch.log_softmax((h_ref.to(w_ref.dtype) @ w_ref.T).float(), dim=-1)  # [C, V]
     return (logp_ref.exp() * (logp_ref - logp)).sum(-1)  # [C]
 
 

@@ -1,0 +1,52 @@
+"""Models: the fused-head policy against HF's own logits, scalar heads, tiny factories, path checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rto.config import ConfigError, ModelConfig
+from rto.data import collate, tokenize_sft
+from rto.models import PolicyModel, ScalarModel, check_model_path, last_valid, load_scalar_model, tiny_causal_lm
+from tests.assets import make_assets
+from tests.test_data import TOK, USER, cfg
+
+
+def _batch():
+    second = [{"role": "user", "content": "repeat w7"}, {"role": "assistant", "content": "w7"}]
+    rows = [{"messages": [USER, {"role": "assistant", "content": "w1 w2 w3"}]}, {"messages": second}]
+    items, _ = tokenize_sft(rows, TOK, cfg(), "sft")
+    return collate(items, TOK.pad_token_id)
+
+
+def test_policy_logprobs_equal_hf_logits():
+    lm = tiny_causal_lm(len(TOK), seed=3)
+    b = _batch()
+    out = PolicyModel(lm)(b["input_ids"], b["attention_mask"], b["loss_mask"], temperature=0.8)
+    logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1] / 0.8
+    expected = torch.log_softmax(logits, -1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+    mask = b["loss_mask"][:, 1:]
+    torch.testing.assert_close(out["logp"][:, 1:][mask], expected[mask], rtol=1e-5, atol=1e-5)
+    assert (out["logp"][:, 1:][~mask] == 0).all() and (out["logp"][:, 0] == 0).all()
+
+
+def test_scalar_model_from_a_causal_lm_checkpoint(tmp_path):
+    paths = make_assets(tmp_path, n=4)
+    hf = load_scalar_model(str(paths["model"]), ModelConfig(path=str(paths["model"])))
+    assert hf.config.num_labels == 1 and hf.dropout.p == 0.0
+    b = _batch()
+    values = ScalarModel(hf)(b["input_ids"], b["attention_mask"])
+    assert values.shape == b["input_ids"].shape and values.dtype == torch.float32
+    score = last_valid(values, b["attention_mask"])
+    n = b["attention_mask"].sum(1) - 1
+    torch.testing.assert_close(score, values[torch.arange(2), n])
+    with pytest.raises(ValueError, match="a row has no valid token"):
+        last_valid(values, torch.zeros_like(b["attention_mask"]))
+
+
+def test_model_paths_are_checked_before_loading():
+    with pytest.raises(ConfigError, match="model.path: no such file or folder: ./nowhere"):
+        check_model_path("./nowhere")
+    with pytest.raises(ConfigError, match="ref: no such file or folder: runs/x/hf"):
+        check_model_path("runs/x/hf", "ref")
+    check_model_path("meta-llama/Meta-Llama-3-8B")  # a hub id is left to the hub client
