@@ -261,6 +261,16 @@ def collate_packed(examples: list[Example], device: torch.device | str = "cpu") 
     return {k: v.to(device) for k, v in out.items()}
 
 
+def make_batch(examples: list[Example], packing: bool, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """A packed batch (data.packing) or a padded one; both carry input_ids, loss_mask and seq_id."""
+    return collate_packed(examples, device) if packing else collate(examples, pad_id, device)
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+    """What a model's forward takes from either kind of batch."""
+    return {k: batch.get(k) for k in ("input_ids", "attention_mask", "position_ids")}
+
+
 def per_sequence_sum(values: torch.Tensor, loss_mask: torch.Tensor, seq_id: torch.Tensor, n_seq: int) -> torch.Tensor:
     """Sum of values [B, T] over each sequence's response tokens -> [n_seq]; works for padded and packed batches."""
     sel = loss_mask.bool()

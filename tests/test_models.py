@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rto.config import ConfigError, ModelConfig
-from rto.data import collate, tokenize_sft
+from rto.data import Example, collate, collate_packed, tokenize_sft
 from rto.models import PolicyModel, ScalarModel, check_model_path, last_valid, load_scalar_model, tiny_causal_lm
 from tests.assets import make_assets
 from tests.test_data import TOK, USER, cfg
@@ -22,7 +22,7 @@ def _batch():
 def test_policy_logprobs_equal_hf_logits():
     lm = tiny_causal_lm(len(TOK), seed=3)
     b = _batch()
-    out = PolicyModel(lm)(b["input_ids"], b["attention_mask"], b["loss_mask"], temperature=0.8)
+    out = PolicyModel(lm)(b["input_ids"], b["attention_mask"], loss_mask=b["loss_mask"], temperature=0.8)
     logits = lm(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1] / 0.8
     expected = torch.log_softmax(logits, -1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
     mask = b["loss_mask"][:, 1:]
@@ -50,3 +50,20 @@ def test_model_paths_are_checked_before_loading():
     with pytest.raises(ConfigError, match="ref: no such file or folder: runs/x/hf"):
         check_model_path("runs/x/hf", "ref")
     check_model_path("meta-llama/Meta-Llama-3-8B")  # a hub id is left to the hub client
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_packed_batches_match_padded_with_flash_attention():
+    pytest.importorskip("flash_attn", reason="padding-free attention needs flash-attn")
+    lm = tiny_causal_lm(len(TOK), seed=1).to("cuda", torch.bfloat16)
+    lm.config._attn_implementation = "flash_attention_2"
+    b = _batch()
+    items = [Example(ids[m].tolist(), lm_[m].tolist()) for ids, lm_, m in zip(b["input_ids"], b["loss_mask"],
+             b["attention_mask"].bool())]  # fmt: skip
+    padded, packed = collate(items, TOK.pad_token_id, "cuda"), collate_packed(items, "cuda")
+    model = PolicyModel(lm)
+    with torch.no_grad():
+        a = model(padded["input_ids"], padded["attention_mask"], loss_mask=padded["loss_mask"])["logp"]
+        b = model(packed["input_ids"], None, packed["position_ids"], loss_mask=packed["loss_mask"])["logp"]
+    torch.testing.assert_close(a[padded["loss_mask"]], b[packed["loss_mask"]], rtol=0, atol=3e-2)

@@ -61,7 +61,7 @@ def test_sft_learns_the_easy_task_and_exports(assets, tmp_path):
     items, _ = tokenize_sft(load_rows(str(eval_file), "train"), tok, load_config("sft", None, args).data, "eval")
     b = collate(items, tok.pad_token_id)
     with torch.no_grad():
-        logp = PolicyModel(lm)(b["input_ids"], b["attention_mask"], b["loss_mask"])["logp"]
+        logp = PolicyModel(lm)(b["input_ids"], b["attention_mask"], loss_mask=b["loss_mask"])["logp"]
     assert (-logp.sum() / b["loss_mask"][:, 1:].sum()).item() == pytest.approx(final["eval/loss"], rel=1e-5)
 
 

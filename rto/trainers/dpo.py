@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from rto.config import DPOConfig
-from rto.data import per_sequence_sum, tokenize_pairs
+from rto.data import model_inputs, per_sequence_sum, tokenize_pairs
 from rto.losses import preference_loss
 from rto.models import PolicyModel, load_causal_lm
 from rto.parallel import freeze, full_tensor, shard
@@ -36,22 +36,26 @@ def build_task(ctx) -> Task:
 
     def pair_losses(pairs):
         P = len(pairs)
-        b = pair_batch(pairs, pad, d.device)
-        inputs = (b["input_ids"], b["attention_mask"], b["loss_mask"])
-        sums = lambda x: per_sequence_sum(x, b["loss_mask"], b["seq_id"], 2 * P)  # noqa: E731  [2P]
-        ref_sums = kl = None
+        b = pair_batch(pairs, cfg.data.packing, pad, d.device)
+        inputs = dict(**model_inputs(b), loss_mask=b["loss_mask"])
+
+        def chosen_rejected(per_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s = per_sequence_sum(per_token, b["loss_mask"], b["seq_id"], 2 * P)  # [2P]
+            return s[:P], s[P:]
+
+        ref_w = ref_l = kl_w = kl_l = kl_ref = None
         if ref is not None:
             with torch.no_grad():
-                r = ref(*inputs, return_hidden=cfg.loss == "tdpo")
-            ref_sums = sums(r["logp"])
-        out = policy(*inputs, kl_ref=(r["hidden"], ref_head) if cfg.loss == "tdpo" else None, kl_chunk=cfg.tdpo_chunk)
-        logp = sums(out["logp"])
-        if cfg.loss == "tdpo":
-            kl = sums(out["kl"])
-        lengths = sums(b["loss_mask"].float())
-        split = lambda x: (x[:P], x[P:]) if x is not None else (None, None)  # noqa: E731
-        (lw, ll), (rw, rl), (nw, nl), (kw_, kl_) = split(logp), split(ref_sums), split(lengths), split(kl)
-        return preference_loss(cfg.loss, lw, ll, rw, rl, nw, nl, kl_chosen=kw_, kl_rejected=kl_, **kw)
+                r = ref(**inputs, return_hidden=cfg.loss == "tdpo")
+            ref_w, ref_l = chosen_rejected(r["logp"])
+            if cfg.loss == "tdpo":
+                kl_ref = (r["hidden"], ref_head)
+        out = policy(**inputs, kl_ref=kl_ref, kl_chunk=cfg.tdpo_chunk)
+        if kl_ref is not None:
+            kl_w, kl_l = chosen_rejected(out["kl"])
+        (lp_w, lp_l), (len_w, len_l) = chosen_rejected(out["logp"]), chosen_rejected(b["loss_mask"].float())
+        return preference_loss(cfg.loss, lp_w, lp_l, ref_w, ref_l, len_w, len_l, kl_chosen=kl_w, kl_rejected=kl_l,
+                               **kw)  # fmt: skip
 
     def pair_stats(losses, r_w, r_l, w):
         return {"loss": (losses.detach() * w).sum(), "correct": ((r_w > r_l).float() * w).sum(),

@@ -9,16 +9,16 @@ from __future__ import annotations
 import torch
 
 from rto.config import RMConfig
-from rto.data import collate, last_token_index, tokenize_pairs
+from rto.data import last_token_index, make_batch, model_inputs, tokenize_pairs
 from rto.losses import bradley_terry_loss
 from rto.models import ScalarModel, load_scalar_model
 from rto.parallel import shard
 from rto.trainers.offline import Task, fit, load_items, setup
 
 
-def pair_batch(pairs, pad_id: int, device) -> dict[str, torch.Tensor]:
-    """Chosen responses in rows [0, P), rejected in [P, 2P) of one padded batch."""
-    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, device)
+def pair_batch(pairs, packing: bool, pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Chosen responses are sequences [0, P), rejected ones [P, 2P) of one batch."""
+    return make_batch([p.chosen for p in pairs] + [p.rejected for p in pairs], packing, pad_id, device)
 
 
 def build_task(ctx) -> Task:
@@ -29,8 +29,8 @@ def build_task(ctx) -> Task:
     world = d.world_size
 
     def scores(pairs):
-        b = pair_batch(pairs, pad, d.device)
-        values = model(b["input_ids"], b["attention_mask"])  # [2P, T]
+        b = pair_batch(pairs, cfg.data.packing, pad, d.device)
+        values = model(**model_inputs(b))  # [2P, T] ([1, total] packed)
         s = values.reshape(-1)[last_token_index(b["seq_id"], 2 * len(pairs))]  # [2P]
         return s[: len(pairs)], s[len(pairs) :]
 

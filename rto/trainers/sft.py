@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from rto.config import SFTConfig
-from rto.data import collate, tokenize_sft
+from rto.data import make_batch, model_inputs, per_sequence_sum, tokenize_sft
 from rto.losses import sft_loss
 from rto.models import PolicyModel, load_causal_lm
 from rto.parallel import shard
@@ -22,17 +22,21 @@ def build_task(ctx) -> Task:
     pad = ctx.tokenizer.pad_token_id
     world = d.world_size
 
+    def forward(items):
+        b = make_batch(items, cfg.data.packing, pad, d.device)
+        logp = model(**model_inputs(b), loss_mask=b["loss_mask"])["logp"]  # [B, T]
+        return b, logp
+
     def loss(items, n_tokens):
-        b = collate(items, pad, d.device)
-        logp = model(b["input_ids"], b["attention_mask"], b["loss_mask"])["logp"]  # [B, T]
+        b, logp = forward(items)
         stats = {"nll": -logp.detach().sum(), "tokens": b["loss_mask"][:, 1:].sum().float()}
         return sft_loss(logp, n_tokens) * world, stats
 
     def eval_stats(items, weights):
-        b = collate(items, pad, d.device)
-        logp = model(b["input_ids"], b["attention_mask"], b["loss_mask"])["logp"]
-        per_seq = (logp.sum(1), b["loss_mask"][:, 1:].sum(1).float())
-        return {"nll": -(per_seq[0] * weights).sum(), "tokens": (per_seq[1] * weights).sum()}
+        b, logp = forward(items)
+        nll = per_sequence_sum(-logp, b["loss_mask"], b["seq_id"], len(items))  # [S]
+        tokens = per_sequence_sum(b["loss_mask"].float(), b["loss_mask"], b["seq_id"], len(items))  # [S]
+        return {"nll": (nll * weights).sum(), "tokens": (tokens * weights).sum()}
 
     def means(s):
         return {"loss": s["nll"] / max(s["tokens"], 1), "tokens": s["tokens"]}
