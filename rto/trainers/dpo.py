@@ -14,8 +14,8 @@ from rto.data import model_inputs, per_sequence_sum, tokenize_pairs
 from rto.losses import preference_loss
 from rto.models import PolicyModel, load_causal_lm
 from rto.parallel import freeze, full_tensor, shard
-from rto.trainers.offline import Task, fit, load_items, setup
-from rto.trainers.rm import pair_batch
+from rto.trainers.offline import Task, run
+from rto.trainers.rm import pair_batch, pair_stats
 
 
 def build_task(ctx) -> Task:
@@ -30,7 +30,6 @@ def build_task(ctx) -> Task:
         if cfg.loss == "tdpo":
             ref_head = full_tensor(ref.head_weight.detach())  # gathered once: the reference never changes
     pad = ctx.tokenizer.pad_token_id
-    world = d.world_size
     kw = dict(beta=cfg.beta, rdpo_alpha=cfg.rdpo_alpha, simpo_gamma_beta_ratio=cfg.simpo_gamma_beta_ratio,
               tdpo_alpha=cfg.tdpo_alpha)  # fmt: skip
 
@@ -57,31 +56,17 @@ def build_task(ctx) -> Task:
         return preference_loss(cfg.loss, lp_w, lp_l, ref_w, ref_l, len_w, len_l, kl_chosen=kl_w, kl_rejected=kl_l,
                                **kw)  # fmt: skip
 
-    def pair_stats(losses, r_w, r_l, w):
-        return {"loss": (losses.detach() * w).sum(), "correct": ((r_w > r_l).float() * w).sum(),
-                "margin": ((r_w - r_l) * w).sum(), "chosen_reward": (r_w * w).sum(),
-                "rejected_reward": (r_l * w).sum(), "pairs": w.sum()}  # fmt: skip
-
-    def loss(pairs, n_pairs):
+    def forward(pairs):
         losses, r_w, r_l = pair_losses(pairs)
-        return losses.sum() / n_pairs * world, pair_stats(losses, r_w, r_l, torch.ones_like(r_w))
-
-    def eval_stats(pairs, w):
-        losses, r_w, r_l = pair_losses(pairs)
-        return pair_stats(losses, r_w, r_l, w)
+        return losses.sum(), pair_stats(losses, r_w, r_l)
 
     def means(s):
         n = max(s["pairs"], 1)
         return {"loss": s["loss"] / n, "reward_accuracy": s["correct"] / n, "reward_margin": s["margin"] / n,
                 "chosen_reward": s["chosen_reward"] / n, "rejected_reward": s["rejected_reward"] / n}  # fmt: skip
 
-    return Task(model=policy, hf_model=lm, loss=loss, count=lambda items: float(len(items)), eval_stats=eval_stats,
-                means=means)  # fmt: skip
+    return Task(model=policy, hf_model=lm, forward=forward, count=lambda items: float(len(items)), means=means)
 
 
 def main(cfg: DPOConfig) -> dict[str, float]:
-    ctx = setup(cfg)
-    train, held_out = load_items(ctx, tokenize_pairs)
-    task = build_task(ctx)
-    torch.manual_seed(cfg.train.seed + ctx.d.rank)
-    return fit(task, train, held_out, ctx)
+    return run(cfg, tokenize_pairs, build_task)

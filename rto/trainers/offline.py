@@ -1,7 +1,7 @@
 """The loop shared by the offline trainers (SFT, reward model, DPO family), and their set-up.
 
-A trainer supplies a `Task`: the trainable FSDP2 root, the HF model to export, and two functions over a
-micro-batch of items (a loss with its statistics, and evaluation statistics). `fit` is the loop:
+A trainer supplies a `Task`: the trainable FSDP2 root, the HF model to export, and a forward over a
+micro-batch of items giving a differentiable sum and per-item statistics. `fit` is the loop:
 
     for each optimizer step:  this rank's micro-batches of the global batch
         -> loss, backward (gradient sync on the last micro-batch only)
@@ -34,17 +34,14 @@ from rto.parallel import Dist, all_reduce_sum, init_distributed
 
 log = logging.getLogger(__name__)
 
-# Statistics are sums (tensors on the device); means are formed after one all-reduce per step.
-Stats = dict[str, torch.Tensor]
-
 
 @dataclass
 class Task:
     model: nn.Module  # the trainable FSDP2 root
     hf_model: nn.Module  # what the HF export saves
-    loss: Callable[[list, float], tuple[torch.Tensor, Stats]]  # (items, global count) -> (loss, stats)
-    count: Callable[[list], float]  # the normaliser of a global batch: tokens or pairs
-    eval_stats: Callable[[list, torch.Tensor], Stats]  # (items, weights 0/1) -> sums
+    # items -> (objective: a differentiable sum over the items, statistics: name -> per-item values [n_items])
+    forward: Callable[[list], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    count: Callable[[list], float]  # the normaliser of a global batch: response tokens or pairs
     means: Callable[[dict[str, float]], dict[str, float]]  # summed statistics -> logged metrics
 
 
@@ -87,6 +84,15 @@ def load_items(ctx: Context, tokenize: Callable) -> tuple[list, list]:
     return split_eval(items, cfg, held_out)
 
 
+def run(cfg: OfflineConfig, tokenize: Callable, build_task: Callable[[Context], Task]) -> dict[str, float]:
+    """Set up, load and tokenise the data (errors surface before any model loads), build the task, train."""
+    ctx = setup(cfg)
+    train, held_out = load_items(ctx, tokenize)
+    task = build_task(ctx)
+    torch.manual_seed(cfg.train.seed + ctx.d.rank)  # per-rank streams from here on
+    return fit(task, train, held_out, ctx)
+
+
 def split_eval(items: list, cfg: OfflineConfig, eval_items: list | None) -> tuple[list, list]:
     """The held-out set: given, or the last eval_fraction of a seeded shuffle of the training items."""
     if eval_items is not None or cfg.data.eval_fraction == 0:
@@ -123,8 +129,9 @@ def evaluate(task: Task, items: Sequence, ctx: Context) -> dict[str, float]:
     with torch.no_grad():
         for i in range(0, per_rank, mb):
             w = torch.tensor(weights[i : i + mb], device=d.device)
-            for k, v in task.eval_stats(mine[i : i + mb], w).items():
-                totals[k] = totals.get(k, 0) + v
+            _, stats = task.forward(mine[i : i + mb])
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0) + (v.detach() * w).sum()
     task.model.train()
     sums = {k: all_reduce_sum(v, d.device).item() for k, v in totals.items()}  # host sync
     return {f"eval/{k}": v for k, v in task.means(sums).items()}
@@ -176,10 +183,10 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
             totals: dict[str, torch.Tensor] = {}
             for i, ids in enumerate(micro):
                 task.model.set_requires_gradient_sync(i == len(micro) - 1)
-                loss, stats = task.loss([train_items[j] for j in ids], denom)
-                loss.backward()
+                objective, stats = task.forward([train_items[j] for j in ids])
+                (objective * d.world_size / denom).backward()  # FSDP2 averages gradients over ranks
                 for k, v in stats.items():
-                    totals[k] = totals.get(k, 0) + v
+                    totals[k] = totals.get(k, 0) + v.detach().sum()
             grad_norm = _clip(params, o.grad_clip)
             finite = bool(torch.isfinite(grad_norm))  # host sync
             if finite:

@@ -13,7 +13,7 @@ from rto.data import last_token_index, make_batch, model_inputs, tokenize_pairs
 from rto.losses import bradley_terry_loss
 from rto.models import ScalarModel, load_scalar_model
 from rto.parallel import shard
-from rto.trainers.offline import Task, fit, load_items, setup
+from rto.trainers.offline import Task, run
 
 
 def pair_batch(pairs, packing: bool, pad_id: int, device) -> dict[str, torch.Tensor]:
@@ -26,7 +26,6 @@ def build_task(ctx) -> Task:
     hf = load_scalar_model(cfg.model.path, cfg.model)
     model = shard(ScalarModel(hf), hf, cfg.parallel, d.device)
     pad = ctx.tokenizer.pad_token_id
-    world = d.world_size
 
     def scores(pairs):
         b = pair_batch(pairs, cfg.data.packing, pad, d.device)
@@ -34,31 +33,23 @@ def build_task(ctx) -> Task:
         s = values.reshape(-1)[last_token_index(b["seq_id"], 2 * len(pairs))]  # [2P]
         return s[: len(pairs)], s[len(pairs) :]
 
-    def pair_stats(r_w, r_l, losses, w):
-        return {"loss": (losses * w).sum(), "correct": ((r_w > r_l).float() * w).sum(),
-                "margin": ((r_w - r_l) * w).sum(), "pairs": w.sum()}  # fmt: skip
-
-    def loss(pairs, n_pairs):
+    def forward(pairs):
         r_w, r_l = scores(pairs)
-        losses = bradley_terry_loss(r_w, r_l)
-        w = torch.ones_like(losses)
-        return losses.sum() / n_pairs * world, pair_stats(r_w.detach(), r_l.detach(), losses.detach(), w)
-
-    def eval_stats(pairs, w):
-        r_w, r_l = scores(pairs)
-        return pair_stats(r_w, r_l, bradley_terry_loss(r_w, r_l), w)
+        losses = bradley_terry_loss(r_w, r_l)  # [P]
+        return losses.sum(), pair_stats(losses, r_w, r_l)
 
     def means(s):
         n = max(s["pairs"], 1)
         return {"loss": s["loss"] / n, "accuracy": s["correct"] / n, "margin": s["margin"] / n}
 
-    return Task(model=model, hf_model=hf, loss=loss, count=lambda items: float(len(items)), eval_stats=eval_stats,
-                means=means)  # fmt: skip
+    return Task(model=model, hf_model=hf, forward=forward, count=lambda items: float(len(items)), means=means)
+
+
+def pair_stats(losses: torch.Tensor, r_w: torch.Tensor, r_l: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-pair statistics [P] of a preference loss with its rewards (chosen r_w, rejected r_l)."""
+    return {"loss": losses, "correct": (r_w > r_l).float(), "margin": r_w - r_l, "chosen_reward": r_w,
+            "rejected_reward": r_l, "pairs": torch.ones_like(r_w)}  # fmt: skip
 
 
 def main(cfg: RMConfig) -> dict[str, float]:
-    ctx = setup(cfg)
-    train, held_out = load_items(ctx, tokenize_pairs)
-    task = build_task(ctx)
-    torch.manual_seed(cfg.train.seed + ctx.d.rank)
-    return fit(task, train, held_out, ctx)
+    return run(cfg, tokenize_pairs, build_task)

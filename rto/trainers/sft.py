@@ -5,14 +5,11 @@ Run: rto sft --recipe toy model.path=... data.path=...   (or torchrun --nproc_pe
 
 from __future__ import annotations
 
-import torch
-
 from rto.config import SFTConfig
 from rto.data import make_batch, model_inputs, per_sequence_sum, tokenize_sft
-from rto.losses import sft_loss
 from rto.models import PolicyModel, load_causal_lm
 from rto.parallel import shard
-from rto.trainers.offline import Task, fit, load_items, setup
+from rto.trainers.offline import Task, run
 
 
 def build_task(ctx) -> Task:
@@ -20,34 +17,20 @@ def build_task(ctx) -> Task:
     lm = load_causal_lm(cfg.model.path, cfg.model)
     model = shard(PolicyModel(lm), lm, cfg.parallel, d.device)
     pad = ctx.tokenizer.pad_token_id
-    world = d.world_size
 
     def forward(items):
         b = make_batch(items, cfg.data.packing, pad, d.device)
         logp = model(**model_inputs(b), loss_mask=b["loss_mask"])["logp"]  # [B, T]
-        return b, logp
-
-    def loss(items, n_tokens):
-        b, logp = forward(items)
-        stats = {"nll": -logp.detach().sum(), "tokens": b["loss_mask"][:, 1:].sum().float()}
-        return sft_loss(logp, n_tokens) * world, stats
-
-    def eval_stats(items, weights):
-        b, logp = forward(items)
-        nll = per_sequence_sum(-logp, b["loss_mask"], b["seq_id"], len(items))  # [S]
-        tokens = per_sequence_sum(b["loss_mask"].float(), b["loss_mask"], b["seq_id"], len(items))  # [S]
-        return {"nll": (nll * weights).sum(), "tokens": (tokens * weights).sum()}
+        per_seq = lambda x: per_sequence_sum(x, b["loss_mask"], b["seq_id"], len(items))  # noqa: E731  [S]
+        nll = -logp.sum()  # the objective: summed negative log-likelihood of the response tokens
+        return nll, {"nll": per_seq(-logp), "tokens": per_seq(b["loss_mask"].float())}
 
     def means(s):
         return {"loss": s["nll"] / max(s["tokens"], 1), "tokens": s["tokens"]}
 
-    return Task(model=model, hf_model=lm, loss=loss, count=lambda items: float(sum(e.n_response for e in items)),
-                eval_stats=eval_stats, means=means)  # fmt: skip
+    count = lambda items: float(sum(e.n_response for e in items))  # noqa: E731
+    return Task(model=model, hf_model=lm, forward=forward, count=count, means=means)
 
 
 def main(cfg: SFTConfig) -> dict[str, float]:
-    ctx = setup(cfg)
-    train, held_out = load_items(ctx, tokenize_sft)
-    task = build_task(ctx)
-    torch.manual_seed(cfg.train.seed + ctx.d.rank)
-    return fit(task, train, held_out, ctx)
+    return run(cfg, tokenize_sft, build_task)
