@@ -35,17 +35,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict, d: Dist, keep_last: int
-) -> None:
-    """Save model and optimizer shards, the trainer state (step, data position, scheduler) and each rank's RNG."""
+Trainable = dict[str, tuple[nn.Module, torch.optim.Optimizer]]  # name -> (FSDP2 model, its optimizer)
+
+
+def save_checkpoint(path: Path, trainables: Trainable, trainer_state: dict, d: Dist, keep_last: int) -> None:
+    """Save each model's and optimizer's shards, the trainer state (step, data position, schedulers) and each
+    rank's RNG."""
     tmp = path.with_name(path.name + ".tmp")
     if d.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    dcp.save(_state(trainables), checkpoint_id=str(tmp))
     torch.save(_rng_state(), tmp / f"rng_rank{d.rank}.pt")
     if d.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
@@ -59,20 +60,27 @@ def save_checkpoint(
     barrier()
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict:
-    """Restore model, optimizer and this rank's RNG from `path`; returns the trainer state."""
+def load_checkpoint(path: Path, trainables: Trainable, d: Dist) -> dict:
+    """Restore models, optimizers and this rank's RNG from `path`; returns the trainer state."""
     state_file = path / "trainer_state.json"
     if not state_file.is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = _state(trainables)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for name, (model, optimizer) in trainables.items():
+        set_state_dict(model, optimizer, model_state_dict=state[name], optim_state_dict=state[f"{name}_optim"])
     rng_file = path / f"rng_rank{d.rank}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(f"{path} was saved with fewer ranks: no {rng_file.name} (resume with the same count)")
     _set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads(state_file.read_text())
+
+
+def _state(trainables: Trainable) -> dict:
+    state = {}
+    for name, (model, optimizer) in trainables.items():
+        state[name], state[f"{name}_optim"] = get_state_dict(model, optimizer)
+    return state
 
 
 def export_hf(hf_model: nn.Module, tokenizer, out_dir: Path, d: Dist) -> None:

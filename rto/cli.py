@@ -4,6 +4,7 @@ Commands:
   sft     supervised fine-tuning               rto sft --recipe toy model.path=... data.path=...
   rm      Bradley-Terry reward model           rto rm --recipe toy ...
   dpo     DPO family (dpo ipo rdpo simpo tdpo) rto dpo --loss ipo ...
+  ppo     PPO / RTO and ablations              rto ppo algo=rto actor.path=... reward=... dpo=... data.path=...
   info    versions, device, and whether the Triton kernels are active
 Settings are `key=value` overrides on top of a recipe (`--recipe NAME` from rto/recipes, or a YAML path);
 `rto <cmd> --help-config` lists every setting with its default and meaning.
@@ -54,6 +55,7 @@ TRAIN_HELP = {
     "sft": "supervised fine-tuning",
     "rm": "Bradley-Terry reward model",
     "dpo": "DPO-family preference optimisation",
+    "ppo": "PPO / RTO actor-critic training (algo=ppo|rto|rs-ppo|ddpo, estimator=gae|reinforce++)",
 }
 
 
@@ -73,9 +75,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(C.to_yaml(cfg))
         return 0
     from rto.data import DataError
-    from rto.trainers import dpo, rm, sft
+    from rto.trainers import dpo, ppo, rm, sft
 
-    trainer = {"sft": sft.main, "rm": rm.main, "dpo": dpo.main}[args.command]
+    trainer = {"sft": sft.main, "rm": rm.main, "dpo": dpo.main, "ppo": ppo.main}[args.command]
     try:
         trainer(cfg)
     except (C.ConfigError, DataError) as e:  # raised before models load: paths, tokenizer, malformed rows

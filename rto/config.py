@@ -136,7 +136,72 @@ class DPOConfig(OfflineConfig):
     tdpo_chunk: int = doc(256, "positions per chunk when TDPO computes full-vocabulary KLs")
 
 
-COMMANDS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig}
+ALGOS = ("ppo", "rto", "rs-ppo", "ddpo")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = doc("hf", "hf (built in: the actor generates) or vllm (colocated vLLM engine, GPU only)")
+    prompts_per_step: int = doc(1024, "prompts per rollout step, over all ranks")
+    samples_per_prompt: int = doc(1, "responses sampled for each prompt")
+    max_new_tokens: int = doc(1024, "response length cap; a response cut there without EOS gets EOS forced last")
+    temperature: float = doc(1.0, "sampling temperature (also used for every policy log-prob)")
+    top_p: float = doc(1.0, "nucleus sampling (1: off)")
+    top_k: int = doc(0, "top-k sampling (0: off)")
+    micro_batch_size: int = doc(32, "prompts per generate call on one rank")
+    vllm_gpu_memory_utilization: float = doc(0.4, "share of GPU memory vLLM may take (colocated with training)")
+    vllm_bucket_mb: int = doc(512, "size of the buckets weights are streamed to vLLM in (MiB)")
+
+
+@dataclass
+class RewardConfig:
+    kl_coef: float = doc(0.01, "weight of the per-token KL penalty (fixed controller)")
+    kl_estimator: str = doc("k1", "KL estimator on logp - ref_logp: k1, k2 or k3")
+    dpo_scale: float = doc(0.05, "scale of the DPO token reward dpo_scale * (logp_dpo - logp_ref)")
+    dpo_clip: float | None = doc(0.05, "clip of the DPO token reward (null: none)")
+    score_mean: float | None = doc(None, "reward-model score normalisation (score - mean) / std (null: none)")
+    score_std: float | None = doc(None, "see score_mean")
+    score_clip: float | None = doc(10.0, "clip of the (normalised) score (null: none)")
+    gamma: float = doc(1.0, "discount")
+    lam: float = doc(0.95, "GAE lambda")
+
+
+@dataclass
+class PPOTrainConfig:
+    steps: int = doc(100, "rollout steps (each: generate, score, advantages, update, sync)")
+    ppo_epochs: int = doc(1, "passes over each rollout batch")
+    train_batch_size: int = doc(128, "sequences per optimizer step, over all ranks")
+    micro_batch_size: int = doc(8, "sequences per forward on one rank (scoring and update)")
+    micro_token_budget: int | None = doc(None, "cap on tokens per micro-batch (cuts micro-batches further)")
+    clip_eps: float = doc(0.2, "PPO ratio clip")
+    value_clip: float = doc(0.2, "value clip around the rollout's values")
+    entropy_coef: float = doc(0.0, "entropy bonus weight (0: off)")
+    whiten_advantages: bool = doc(True, "normalise advantages by their masked mean and std over all ranks")
+    seed: int = doc(0, "seed for prompt order, sampling and initialisation")
+    log_every: int = doc(1, "log metrics every N steps")
+    save_every: int = doc(0, "checkpoint every N steps (0: at the end only)")
+
+
+@dataclass
+class PPOConfig:
+    algo: str = doc("rto", "ppo (KL + score), rto (+ DPO token reward), rs-ppo or ddpo (the paper's ablations)")
+    estimator: str = doc("gae", "gae (critic) or reinforce++ (discounted returns, no critic)")
+    actor: ModelConfig = doc(factory=ModelConfig, text="the policy (its path is the SFT model)")
+    ref: str | None = doc(None, "reference model; default: actor.path (the SFT model)")
+    dpo: str | None = doc(None, "DPO model (trained with ref = the SFT model); needed by rto, rs-ppo and ddpo")
+    reward: str = doc(MISSING, "reward model (token-classification checkpoint with one label)")
+    critic: str | None = doc(None, "critic initialisation; default: the reward model")
+    data: DataConfig = doc(factory=DataConfig, text="prompts (messages or prompt column)")
+    rollout: RolloutConfig = doc(factory=RolloutConfig, text="generation")
+    rewards: RewardConfig = doc(factory=RewardConfig, text="token rewards and GAE")
+    actor_optim: OptimConfig = doc(factory=lambda: OptimConfig(lr=5e-7), text="actor optimizer and schedule")
+    critic_optim: OptimConfig = doc(factory=lambda: OptimConfig(lr=9e-6), text="critic optimizer and schedule")
+    train: PPOTrainConfig = doc(factory=PPOTrainConfig, text="steps and batches")
+    parallel: ParallelConfig = doc(factory=ParallelConfig, text="FSDP2 options")
+    run: RunConfig = doc(factory=RunConfig, text="outputs, logging, resume")
+
+
+COMMANDS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
 
 
 def recipe_path(recipe: str) -> Path:
@@ -185,6 +250,8 @@ def _key_hint(e: OmegaConfBaseException) -> str:
 
 def validate(cfg: Any, world_size: int = 1) -> None:
     """Combinations that cannot run. Raises ConfigError naming the settings; rewrites nothing."""
+    if isinstance(cfg, PPOConfig):
+        return validate_ppo(cfg, world_size)
     t, d, o = cfg.train, cfg.data, cfg.optim
     _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
     _one_of("model.attn_implementation", cfg.model.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
@@ -225,6 +292,48 @@ def validate(cfg: Any, world_size: int = 1) -> None:
             raise ConfigError(f"beta must be > 0, got {cfg.beta}")
         if cfg.tdpo_chunk < 1:
             raise ConfigError(f"tdpo_chunk must be at least 1, got {cfg.tdpo_chunk}")
+
+
+def validate_ppo(cfg: PPOConfig, world_size: int) -> None:
+    r, t, w = cfg.rollout, cfg.train, cfg.rewards
+    _one_of("algo", cfg.algo, ALGOS)
+    _one_of("estimator", cfg.estimator, ("gae", "reinforce++"))
+    _one_of("rollout.engine", r.engine, ("hf", "vllm"))
+    _one_of("rewards.kl_estimator", w.kl_estimator, ("k1", "k2", "k3"))
+    _one_of("actor.dtype", cfg.actor.dtype, ("float32", "bfloat16"))
+    _one_of("data.overlong", cfg.data.overlong, ("error", "truncate", "drop"))
+    _one_of("data.bad_rows", cfg.data.bad_rows, ("error", "skip"))
+    _one_of("parallel.mixed_precision", cfg.parallel.mixed_precision, ("auto", "bf16", "off"))
+    if cfg.algo != "ppo" and cfg.dpo is None:
+        raise ConfigError(f"algo={cfg.algo} needs the DPO model: set dpo=<path> (or use algo=ppo)")
+    for key, value in (("rollout.prompts_per_step", r.prompts_per_step), ("rollout.samples_per_prompt",
+                       r.samples_per_prompt), ("rollout.max_new_tokens", r.max_new_tokens),
+                       ("rollout.micro_batch_size", r.micro_batch_size), ("train.steps", t.steps),
+                       ("train.ppo_epochs", t.ppo_epochs), ("train.train_batch_size", t.train_batch_size),
+                       ("train.micro_batch_size", t.micro_batch_size), ("train.log_every", t.log_every),
+                       ("run.keep_last", cfg.run.keep_last)):  # fmt: skip
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if r.prompts_per_step % world_size:
+        raise ConfigError(f"rollout.prompts_per_step ({r.prompts_per_step}) must be a multiple of ranks ({world_size})")
+    rollout = r.prompts_per_step * r.samples_per_prompt
+    if rollout % t.train_batch_size:
+        raise ConfigError(f"train.train_batch_size ({t.train_batch_size}) must divide the rollout batch "
+                          f"(rollout.prompts_per_step x samples_per_prompt = {rollout})")  # fmt: skip
+    if t.train_batch_size % (t.micro_batch_size * world_size):
+        raise ConfigError(f"train.train_batch_size ({t.train_batch_size}) must be a multiple of train.micro_batch_size "
+                          f"({t.micro_batch_size}) x ranks ({world_size})")  # fmt: skip
+    if not r.temperature > 0 or not 0 < r.top_p <= 1 or r.top_k < 0:
+        raise ConfigError("rollout.temperature must be > 0, rollout.top_p in (0, 1], rollout.top_k >= 0")
+    if (w.score_mean is None) != (w.score_std is None) or (w.score_std is not None and w.score_std <= 0):
+        raise ConfigError("rewards.score_mean and rewards.score_std go together, with score_std > 0")
+    if not (0 <= w.gamma <= 1 and 0 <= w.lam <= 1):
+        raise ConfigError(f"rewards.gamma and rewards.lam must be in [0, 1], got {w.gamma} and {w.lam}")
+    if cfg.data.max_prompt_length < 1:
+        raise ConfigError("data.max_prompt_length must be at least 1")
+    for name, o in (("actor_optim", cfg.actor_optim), ("critic_optim", cfg.critic_optim)):
+        if o.lr <= 0:
+            raise ConfigError(f"{name}.lr must be > 0, got {o.lr}")
 
 
 def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -139,6 +139,19 @@ def template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> li
     return list(out["input_ids"] if isinstance(out, Mapping) else out)
 
 
+def fit_prompt(prompt_ids: list[int], cfg: DataConfig, report: Report, i: int) -> list[int] | None:
+    """Apply data.overlong to a prompt: unchanged, truncated (keeping its end: the last turn and the generation
+    prompt), None when dropped, or a DataError."""
+    if len(prompt_ids) <= cfg.max_prompt_length:
+        return prompt_ids
+    if cfg.overlong == "error":
+        raise DataError(f"{report.name} row {i}: prompt has {len(prompt_ids)} tokens, over data.max_prompt_length"
+                        f"={cfg.max_prompt_length} (set data.overlong=truncate or drop)")  # fmt: skip
+    done = {"drop": "dropped", "truncate": "truncated"}[cfg.overlong]
+    report.counts[f"prompts {done} (over {cfg.max_prompt_length} tokens)"] += 1
+    return None if cfg.overlong == "drop" else prompt_ids[-cfg.max_prompt_length :]
+
+
 def encode(tokenizer, prompt: list[dict], response: list[dict], cfg: DataConfig, report: Report, i: int):
     """Prompt + response as token ids with the loss on the response; None when the row is dropped."""
     prompt_ids = template_ids(tokenizer, prompt, generation_prompt=True)
@@ -149,15 +162,9 @@ def encode(tokenizer, prompt: list[dict], response: list[dict], cfg: DataConfig,
     resp = full[len(prompt_ids) :]
     if not resp:
         raise DataError(f"{report.name} row {i}: the response renders to no tokens")
-    if len(prompt_ids) > cfg.max_prompt_length:
-        if cfg.overlong == "error":
-            raise DataError(f"{report.name} row {i}: prompt has {len(prompt_ids)} tokens, over data.max_prompt_length"
-                            f"={cfg.max_prompt_length} (set data.overlong=truncate or drop)")  # fmt: skip
-        done = {"drop": "dropped", "truncate": "truncated"}[cfg.overlong]
-        report.counts[f"prompts {done} (over {cfg.max_prompt_length} tokens)"] += 1
-        if cfg.overlong == "drop":
-            return None
-        prompt_ids = prompt_ids[-cfg.max_prompt_length :]  # keep the end: the last turn and generation prompt
+    prompt_ids = fit_prompt(prompt_ids, cfg, report, i)
+    if prompt_ids is None:
+        return None
     room = cfg.max_length - len(prompt_ids)
     if len(resp) > room:
         report.counts[f"responses cut at data.max_length={cfg.max_length}"] += 1
@@ -205,6 +212,23 @@ def tokenize_pairs(rows, tokenizer, cfg: DataConfig, name: str, progress: bool =
         rejected = encode(tokenizer, prompt, response_messages(row, cfg.rejected_key, prompt, name, i), cfg, report,
                           i)  # fmt: skip
         return None if chosen is None or rejected is None else Pair(chosen, rejected)
+
+    return _tokenize(rows, name, cfg, one_row, progress)
+
+
+def tokenize_prompts(rows, tokenizer, cfg: DataConfig, name: str, progress: bool = False):
+    """Prompt-only rows (RL): the `messages` column (ending with a user turn) or the `prompt` column, rendered
+    with the generation prompt. Items are lists of token ids."""
+
+    def one_row(row, i, report):
+        if cfg.messages_key in row and row[cfg.messages_key] is not None:
+            prompt = _messages(row[cfg.messages_key], name, i, cfg.messages_key)
+            if prompt[-1]["role"] == "assistant":
+                raise DataError(f"{name} row {i}: field '{cfg.messages_key}' ends with an assistant turn; a prompt "
+                                "ends with the turn to answer")  # fmt: skip
+        else:
+            prompt = prompt_messages(row, cfg.prompt_key, name, i)
+        return fit_prompt(template_ids(tokenizer, prompt, generation_prompt=True), cfg, report, i)
 
     return _tokenize(rows, name, cfg, one_row, progress)
 

@@ -87,3 +87,32 @@ def full_vocab_kl(
         sl = slice(i, i + chunk)
         out.append(checkpoint(_kl_chunk, hidden[sl], weight, ref_hidden[sl], ref_weight, use_reentrant=False))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip_eps: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate summed over response tokens: sum -min(ratio A, clip(ratio, 1 +- eps) A).
+
+    All inputs [B, T]; mask [B, T] bool. Returns (loss sum, statistics summed over tokens: clipped tokens and
+    the k1/k3 KL of the new policy to the rollout policy)."""
+    zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    log_ratio = torch.where(mask, logp - logp_old, zero)
+    ratio = torch.exp(log_ratio)
+    surrogate = torch.minimum(ratio * advantages, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * advantages)
+    loss = -torch.where(mask, surrogate, zero).sum()
+    with torch.no_grad():
+        clipped = mask & ((ratio - 1).abs() > clip_eps)
+        stats = {"clipped": clipped.sum().float(), "kl_old_k1": -log_ratio.sum(),
+                 "kl_old_k3": torch.where(mask, ratio - 1 - log_ratio, zero).sum()}  # fmt: skip
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor, values_old: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> torch.Tensor:
+    """Clipped value loss summed over response tokens: 0.5 max((v_clip - R)^2, (v - R)^2),
+    v_clip = v_old + clip(v - v_old, -clip, clip). Inputs [B, T]."""
+    v_clip = values_old + torch.clamp(values - values_old, -clip, clip)
+    per_token = 0.5 * torch.maximum((v_clip - returns) ** 2, (values - returns) ** 2)
+    return torch.where(mask, per_token, torch.zeros_like(per_token)).sum()

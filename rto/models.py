@@ -113,20 +113,27 @@ class PolicyModel(nn.Module):
         kl_ref: tuple[torch.Tensor, torch.Tensor] | None = None,
         kl_chunk: int = 256,
         return_hidden: bool = False,
+        return_entropy: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Log-probs of the tokens where `loss_mask` [B, T] is true, aligned to those tokens.
 
         Returns {"logp": [B, T] fp32, 0 elsewhere}; with `kl_ref` = (reference hidden states [N, H] at the
         same selected positions, reference head weight [V, H]) also {"kl": [B, T]} = KL(ref || policy) over
-        the full vocabulary at each selected position (TDPO); with `return_hidden`, {"hidden": [N, H]}.
+        the full vocabulary at each selected position (TDPO); with `return_hidden`, {"hidden": [N, H]}; with
+        `return_entropy`, {"entropy": [B, T]} (the policy's entropy at each selected position).
         """
         from rto.losses import full_vocab_kl
 
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)[:, :-1]  # [B, T-1, H]
         sel, targets = shift_targets(input_ids, loss_mask)
         h = hidden[sel]  # [N, H]
-        logp = rto_kernels.linear_logprobs(h, self.head_weight, targets[sel], temperature=temperature)
+        res = rto_kernels.linear_logprobs(
+            h, self.head_weight, targets[sel], temperature=temperature, return_entropy=return_entropy
+        )
+        logp = res[0] if return_entropy else res
         out = {"logp": _scatter_tokens(logp, loss_mask)}
+        if return_entropy:
+            out["entropy"] = _scatter_tokens(res[1], loss_mask)
         if kl_ref is not None:
             ref_hidden, ref_weight = kl_ref
             out["kl"] = _scatter_tokens(full_vocab_kl(h, self.head_weight, ref_hidden, ref_weight, kl_chunk), loss_mask)

@@ -101,5 +101,11 @@ def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: full_tensor(v).detach().cpu() for k, v in module.state_dict().items()}
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm over (DTensor) parameters (0: measure only); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    return full_tensor(norm)
+
+
 def barrier() -> None:
     dist.barrier()

@@ -36,3 +36,25 @@ def make_assets(root: Path, n: int = 96, seed: int = 0) -> dict[str, Path]:
         "sft": write_jsonl(root / "sft.jsonl", sft),
         "pairs": write_jsonl(root / "pairs.jsonl", pairs),
     }
+
+
+def make_rl_assets(root: Path, n_prompts: int = 64, seed: int = 0) -> dict[str, Path]:
+    """make_assets plus what `rto ppo` needs: prompts, a reward model (a new scalar head on the tiny LM) and a
+    DPO model (the tiny LM with other weights), all on the same tokenizer."""
+    from rto.config import ModelConfig
+    from rto.models import load_scalar_model
+
+    paths = make_assets(root, n=n_prompts, seed=seed)
+    rng = random.Random(seed + 1)
+    prompts = [{"messages": [{"role": "user", "content": "repeat " + " ".join(rng.sample(WORDS[:-1], 3))}]}
+               for _ in range(n_prompts)]  # fmt: skip
+    paths["prompts"] = write_jsonl(root / "prompts.jsonl", prompts)
+    tok = tiny_tokenizer(WORDS)
+    rm = load_scalar_model(str(paths["model"]), ModelConfig(path=str(paths["model"])))
+    paths["reward"] = root / "tiny-rm"
+    rm.save_pretrained(paths["reward"])
+    tok.save_pretrained(paths["reward"])
+    paths["dpo"] = root / "tiny-dpo"
+    tiny_causal_lm(len(tok), seed=seed + 7).save_pretrained(paths["dpo"])
+    tok.save_pretrained(paths["dpo"])
+    return paths

@@ -30,7 +30,7 @@ from rto.config import OfflineConfig, to_yaml, validate
 from rto.data import epoch_batches, leftover, load_rows, rank_micro_batches
 from rto.metrics import MetricLogger
 from rto.models import load_tokenizer
-from rto.parallel import Dist, all_reduce_sum, init_distributed
+from rto.parallel import Dist, all_reduce_sum, clip_grad_norm, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
     step = 0
     resume = _resume_path(cfg, ctx.run_dir)
     if resume is not None:
-        state = load_checkpoint(resume, task.model, optimizer, d)
+        state = load_checkpoint(resume, {"model": (task.model, optimizer)}, d)
         if state["n_train"] != len(train_items) or state["global_batch_size"] != t.global_batch_size:
             raise ValueError(f"cannot resume from {resume}: it was trained on {state['n_train']} items with global "
                              f"batch {state['global_batch_size']}, this run has {len(train_items)} and "
@@ -187,7 +187,7 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
                 (objective * d.world_size / denom).backward()  # FSDP2 averages gradients over ranks
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0) + v.detach().sum()
-            grad_norm = _clip(params, o.grad_clip)
+            grad_norm = clip_grad_norm(params, o.grad_clip)
             finite = bool(torch.isfinite(grad_norm))  # host sync
             if finite:
                 optimizer.step()
@@ -224,11 +224,6 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
         logger.close()
 
 
-def _clip(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-
 def _resume_path(cfg: OfflineConfig, run_dir: Path) -> Path | None:
     if cfg.run.resume is None:
         return None
@@ -246,4 +241,5 @@ def _resume_path(cfg: OfflineConfig, run_dir: Path) -> Path | None:
 def _save(task, optimizer, scheduler, step: int, n_train: int, ctx: Context) -> None:
     state = {"step": step, "scheduler": scheduler.state_dict(), "n_train": n_train,
              "global_batch_size": ctx.cfg.train.global_batch_size}  # fmt: skip
-    save_checkpoint(checkpoint_dir(ctx.run_dir, step), task.model, optimizer, state, ctx.d, ctx.cfg.run.keep_last)
+    trainables = {"model": (task.model, optimizer)}
+    save_checkpoint(checkpoint_dir(ctx.run_dir, step), trainables, state, ctx.d, ctx.cfg.run.keep_last)
