@@ -5,6 +5,9 @@ Commands:
   rm      Bradley-Terry reward model           rto rm --recipe toy ...
   dpo     DPO family (dpo ipo rdpo simpo tdpo) rto dpo --loss ipo ...
   ppo     PPO / RTO and ablations              rto ppo algo=rto actor.path=... reward=... dpo=... data.path=...
+  eval    evaluate a model                     rto eval model=... data.path=... reference=... reward=...
+  inspect DPO token rewards, coloured          rto inspect model=... ref=... dpo=... data.path=...
+  pipeline the toy world end to end            rto pipeline --recipe toy
   info    versions, device, and whether the Triton kernels are active
 Settings are `key=value` overrides on top of a recipe (`--recipe NAME` from rto/recipes, or a YAML path);
 `rto <cmd> --help-config` lists every setting with its default and meaning.
@@ -13,6 +16,7 @@ Settings are `key=value` overrides on top of a recipe (`--recipe NAME` from rto/
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import sys
 
@@ -87,10 +91,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+TOOLS_HELP = {
+    "eval": "generate, score (RM, toy gold), win rate vs a reference, AlpacaEval / Arena-Hard exports",
+    "inspect": "responses with each token coloured by its DPO token reward (HTML and PNG)",
+    "pipeline": "the whole pipeline on the toy world (world, SFT, RM, DPO family, PPO, RTO, eval, report)",
+}
+
+
+def cmd_tool(args: argparse.Namespace) -> int:
+    from rto import config as C
+
+    if args.help_config:
+        print("\n".join(C.describe(C.COMMANDS[args.command])))
+        return 0
+    overrides, stage_overrides = list(args.overrides), {}
+    recipe = args.recipe
+    if args.command == "pipeline":
+        from rto.pipeline import split_overrides
+
+        overrides, stage_overrides = split_overrides(overrides)
+        recipe = recipe or "toy"
+    try:
+        cfg = C.load_config(args.command, recipe if args.command == "pipeline" else args.recipe, overrides)
+        if args.print_config:
+            print(C.to_yaml(cfg))
+            return 0
+        if args.command == "eval":
+            import json
+
+            from rto.evaluate import evaluate
+
+            print(json.dumps(evaluate(cfg), indent=1))
+        elif args.command == "inspect":
+            from rto.inspection import inspect_tokens
+
+            print(inspect_tokens(cfg))
+        else:
+            from rto.pipeline import main as pipeline
+
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+            pipeline(cfg, recipe, stage_overrides)
+    except C.ConfigError as e:
+        print(f"rto {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rto", description="RTO: PPO with a dense DPO token reward, for RLHF.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    for name, text in TRAIN_HELP.items():
+    for name, text in {**TRAIN_HELP, **TOOLS_HELP}.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--recipe", help="recipe name (rto/recipes/NAME.yaml) or path to a YAML file")
         if name == "dpo":
@@ -98,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--help-config", action="store_true", help="list every setting with default and meaning")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. optim.lr=1e-6")
-        p.set_defaults(fn=cmd_train)
+        p.set_defaults(fn=cmd_train if name in TRAIN_HELP else cmd_tool)
     sub.add_parser("info", help="versions, device and kernel path of this installation").set_defaults(fn=cmd_info)
     return parser
 

@@ -201,7 +201,65 @@ class PPOConfig:
     run: RunConfig = doc(factory=RunConfig, text="outputs, logging, resume")
 
 
-COMMANDS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig}
+@dataclass
+class EvalConfig:
+    model: str = doc(MISSING, "the model to evaluate (hub id or folder)")
+    reference: str | None = doc(None, "model to compare against (win rate), e.g. the SFT model")
+    reward: str | None = doc(None, "reward model to score responses with")
+    gold: bool = doc(False, "also score with the toy world's gold reward (toy prompts only)")
+    pad_token: str | None = doc(None, "token to pad with when the tokenizer has none")
+    data: DataConfig = doc(factory=DataConfig, text="prompts (messages or prompt column)")
+    temperature: float = doc(0.7, "0.7: AlpacaEval's setting; 0: greedy, Arena-Hard's")
+    top_p: float = doc(1.0, "nucleus sampling")
+    max_new_tokens: int = doc(512, "response length cap")
+    seed: int = doc(0, "sampling seed")
+    output_dir: str = doc("runs", "parent folder")
+    name: str = doc("eval", "outputs go to output_dir/name")
+
+
+@dataclass
+class InspectConfig:
+    model: str = doc(MISSING, "policy whose responses are shown (hub id or folder)")
+    ref: str = doc(MISSING, "reference (SFT) model")
+    dpo: str = doc(MISSING, "DPO model whose token reward colours the tokens")
+    data: DataConfig = doc(factory=DataConfig, text="prompts (messages or prompt column)")
+    n: int = doc(8, "responses to render")
+    temperature: float = doc(0.7, "sampling temperature (0: greedy)")
+    max_new_tokens: int = doc(64, "response length cap")
+    dpo_scale: float = doc(0.05, "scale of the DPO token reward")
+    dpo_clip: float | None = doc(None, "clip of the DPO token reward (null: show it unclipped)")
+    seed: int = doc(0, "sampling seed")
+    output_dir: str = doc("runs", "parent folder")
+    name: str = doc("inspect", "outputs go to output_dir/name")
+
+
+@dataclass
+class ToyWorldConfig:
+    n_sft: int = doc(4000, "SFT conversations")
+    n_pairs: int = doc(3000, "preference pairs (a tenth held out)")
+    n_prompts: int = doc(2048, "RL prompts")
+    n_eval: int = doc(128, "held-out evaluation prompts")
+    bt_beta: float = doc(1.0, "Bradley-Terry temperature of the gold labels")
+    hidden: int = doc(64, "hidden size of the toy Llama")
+    layers: int = doc(2, "decoder layers of the toy Llama")
+
+
+@dataclass
+class PipelineConfig:
+    name: str = doc("toy", "outputs go to output_dir/name (one folder per stage inside)")
+    output_dir: str = doc("runs", "parent folder")
+    seed: int = doc(0, "seed of the world and of every stage")
+    world: ToyWorldConfig = doc(factory=ToyWorldConfig, text="the toy world's sizes")
+    baselines: list[str] = doc(factory=lambda: ["dpo", "rdpo", "simpo", "tdpo"], text="offline methods to train")
+    online: list[str] = doc(factory=lambda: ["ppo", "rto"], text="online algos to train from the SFT model")
+    loss_overrides: dict[str, list[str]] = doc(factory=dict, text="extra dpo settings per loss, e.g. simpo: [beta=2.5]")
+    quick: bool = doc(False, "a few steps per stage (a smoke run)")
+    eval_temperature: float = doc(0.7, "sampling temperature of the evaluation")
+    eval_max_new_tokens: int = doc(24, "response cap of the evaluation")
+
+
+COMMANDS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig,
+                             "eval": EvalConfig, "inspect": InspectConfig, "pipeline": PipelineConfig}  # fmt: skip
 
 
 def recipe_path(recipe: str) -> Path:
@@ -252,6 +310,8 @@ def validate(cfg: Any, world_size: int = 1) -> None:
     """Combinations that cannot run. Raises ConfigError naming the settings; rewrites nothing."""
     if isinstance(cfg, PPOConfig):
         return validate_ppo(cfg, world_size)
+    if isinstance(cfg, (EvalConfig, InspectConfig, PipelineConfig)):
+        return validate_tools(cfg)
     t, d, o = cfg.train, cfg.data, cfg.optim
     _one_of("model.dtype", cfg.model.dtype, ("float32", "bfloat16"))
     _one_of("model.attn_implementation", cfg.model.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
@@ -292,6 +352,22 @@ def validate(cfg: Any, world_size: int = 1) -> None:
             raise ConfigError(f"beta must be > 0, got {cfg.beta}")
         if cfg.tdpo_chunk < 1:
             raise ConfigError(f"tdpo_chunk must be at least 1, got {cfg.tdpo_chunk}")
+
+
+def validate_tools(cfg: Any) -> None:
+    if isinstance(cfg, PipelineConfig):
+        bad = [b for b in cfg.baselines if b not in DPO_LOSSES] + [a for a in cfg.online if a not in ALGOS]
+        if bad:
+            raise ConfigError(f"pipeline: unknown methods {bad}: baselines come from {', '.join(DPO_LOSSES)}, online "
+                              f"from {', '.join(ALGOS)}")  # fmt: skip
+        unknown = sorted(set(cfg.loss_overrides) - set(DPO_LOSSES))
+        if unknown:
+            raise ConfigError(f"loss_overrides: unknown losses {unknown}")
+        return
+    if cfg.temperature < 0 or cfg.max_new_tokens < 1:
+        raise ConfigError("temperature must be >= 0 and max_new_tokens at least 1")
+    if isinstance(cfg, InspectConfig) and cfg.n < 1:
+        raise ConfigError(f"n must be at least 1, got {cfg.n}")
 
 
 def validate_ppo(cfg: PPOConfig, world_size: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,7 +290,9 @@ def load_prompts(cfg: PPOConfig, tokenizer, d: Dist) -> list[list[int]]:
     return prompts
 
 
-def main(cfg: PPOConfig) -> dict[str, float]:
+def main(cfg: PPOConfig, rollout_metrics: Callable[[RolloutBatch], dict[str, torch.Tensor]] | None = None) -> dict:
+    """Train; `rollout_metrics` (optional) maps a rollout batch to extra per-sequence values [B], logged as
+    their mean under rollout/<name> (the toy world logs the gold reward of every rollout this way)."""
     d = init_distributed()
     validate(cfg, d.world_size)
     logging.basicConfig(
@@ -367,13 +370,14 @@ def main(cfg: PPOConfig) -> dict[str, float]:
                 engine.sync_weights()
             logger.advance()
             if (step + 1) % t.log_every == 0 or step + 1 == t.steps:
-                r = {
-                    k: all_reduce_sum(v, d.device).item()
-                    for k, v in rollout_stats(batch, scored, rewards, returns, cfg).items()
-                }
+                stats = rollout_stats(batch, scored, rewards, returns, cfg)
+                extra = rollout_metrics(batch) if rollout_metrics is not None else {}
+                stats.update({f"extra/{k}": v.float().sum() for k, v in extra.items()})
+                r = {k: all_reduce_sum(v, d.device).item() for k, v in stats.items()}
                 u = {k: all_reduce_sum(v, d.device).item() for k, v in update.items()}
                 r["max_length"] = all_reduce_max(int(batch.response_lengths.max()), d.device)
                 metrics = summarise(r, u, timer.seconds, cfg)
+                metrics.update({f"rollout/{k[6:]}": v / r["sequences"] for k, v in r.items() if k.startswith("extra/")})
                 metrics["train/actor_lr"] = opt[0][2].scheduler.get_last_lr()[0]
                 logger.log(step + 1, metrics)
             if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
