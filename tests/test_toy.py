@@ -64,8 +64,19 @@ def world(tmp_path_factory):
 
 def test_rto_eval_scores_and_exports(world, tmp_path, capsys):
     base = world["base"]
-    rc = cli(["eval", f"model={base}", f"reference={base}", f"reward={base}", "gold=true",
-              f"data.path={world['eval_prompts']}", "max_new_tokens=8", f"output_dir={tmp_path}", "name=e"])  # fmt: skip
+    rc = cli(
+        [
+            "eval",
+            f"model={base}",
+            f"reference={base}",
+            f"reward={base}",
+            "gold=true",
+            f"data.path={world['eval_prompts']}",
+            "max_new_tokens=8",
+            f"output_dir={tmp_path}",
+            "name=e",
+        ]
+    )
     assert rc == 0
     result = json.loads((tmp_path / "e" / "results.json").read_text())
     assert result["n"] == 6 and {"gold", "rm_score", "win_rate_vs_reference_gold"} <= result.keys()
@@ -81,8 +92,19 @@ def test_rto_eval_scores_and_exports(world, tmp_path, capsys):
 
 def test_rto_inspect_writes_html_and_png(world, tmp_path):
     base = world["base"]
-    rc = cli(["inspect", f"model={base}", f"ref={base}", f"dpo={base}", "n=3",
-              f"data.path={world['eval_prompts']}", "max_new_tokens=6", f"output_dir={tmp_path}", "name=i"])  # fmt: skip
+    rc = cli(
+        [
+            "inspect",
+            f"model={base}",
+            f"ref={base}",
+            f"dpo={base}",
+            "n=3",
+            f"data.path={world['eval_prompts']}",
+            "max_new_tokens=6",
+            f"output_dir={tmp_path}",
+            "name=i",
+        ]
+    )
     assert rc == 0
     records = json.loads((tmp_path / "i" / "tokens.json").read_text())
     assert len(records) == 3
