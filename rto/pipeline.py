@@ -128,13 +128,13 @@ def curves(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
     """Rollout samples seen, gold reward and RM score per logged step of an online run."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     cfg = (run_dir / "config.yaml").read_text()
-    per_step = _yaml_int(cfg, "prompts_per_step") * _yaml_int(cfg, "samples_per_prompt")
+    per_step = config_int(cfg, "prompts_per_step") * config_int(cfg, "samples_per_prompt")
     rows = [r for r in rows if "rollout/gold_reward" in r]
     return ([r["step"] * per_step for r in rows], [r["rollout/gold_reward"] for r in rows],
             [r["rollout/score"] for r in rows])  # fmt: skip
 
 
-def _yaml_int(text: str, key: str) -> int:
+def config_int(text: str, key: str) -> int:
     import yaml
 
     def find(node):
@@ -161,8 +161,7 @@ def report(root: Path, results: dict, cfg: PipelineConfig) -> None:
         x, gold, score = curves(root / algo)
         axes[0].plot(x, gold, label=LABELS[algo])
         axes[1].plot(x, score, label=LABELS[algo])
-    sft_gold = results["sft"]["gold_reward"]
-    axes[0].axhline(sft_gold, color="grey", ls="--", lw=1, label="SFT (eval)")
+    # the first points are the SFT model's own rollouts (same sampling settings as every later point)
     axes[0].set(xlabel="rollout samples", ylabel="gold reward (rollouts)", title="gold reward vs samples")
     axes[1].set(xlabel="rollout samples", ylabel="reward-model score (rollouts)", title="RM score vs samples")
     for ax in axes:
