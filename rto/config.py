@@ -253,7 +253,7 @@ class PipelineConfig:
     baselines: list[str] = doc(factory=lambda: ["dpo", "rdpo", "simpo", "tdpo"], text="offline methods to train")
     online: list[str] = doc(factory=lambda: ["ppo", "rto"], text="online algos to train from the SFT model")
     loss_overrides: dict[str, list[str]] = doc(factory=dict, text="extra dpo settings per loss, e.g. simpo: [beta=2.5]")
-    quick: bool = doc(False, "a few steps per stage (a smoke run)")
+    quick: bool = doc(False, "a short run: a few dozen steps per stage (rto/pipeline.py: QUICK)")
     eval_temperature: float = doc(0.7, "sampling temperature of the evaluation")
     eval_max_new_tokens: int = doc(24, "response cap of the evaluation")
 

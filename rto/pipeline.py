@@ -24,12 +24,12 @@ from rto.rollout.engine import RolloutBatch
 
 log = logging.getLogger(__name__)
 STAGES = ("sft", "rm", "dpo", "ppo")
-# A smoke run: a few steps per stage (CI), with a world small enough to build and tokenise in seconds.
+# A short run (CI): enough steps per stage for each stage's effect to show, in about a minute on 2 cores.
 QUICK = {
-    "sft": ["train.max_steps=30"],
-    "rm": ["train.max_steps=20"],
-    "dpo": ["train.max_steps=6"],
-    "ppo": ["train.steps=12"],
+    "sft": ["train.max_steps=120"],
+    "rm": ["train.max_steps=90"],
+    "dpo": ["train.max_steps=90"],
+    "ppo": ["train.steps=80"],
 }
 LABELS = {"sft": "SFT", "dpo": "DPO", "ipo": "IPO", "rdpo": "R-DPO", "simpo": "SimPO", "tdpo": "TDPO", "ppo": "PPO",
           "rto": "RTO", "rs-ppo": "RS-PPO", "ddpo": "DDPO"}  # fmt: skip
@@ -173,8 +173,8 @@ def report(root: Path, results: dict, cfg: PipelineConfig) -> None:
 
     lines = [f"# Toy-world report: {cfg.name}", "",
              f"Seed {cfg.seed}; {cfg.world.n_eval} held-out prompts, sampled at temperature {cfg.eval_temperature}"
-             f"{' (quick smoke run: a few steps per stage)' if cfg.quick else ''}. Gold reward is the toy world's "
-             "known judgement; win rate is against the SFT model's responses to the same prompts under the gold "
+             f"{' (short run: rto/pipeline.py QUICK steps per stage)' if cfg.quick else ''}. Gold reward is the toy "
+             "world's known judgement; win rate is against the SFT model's responses to the same prompts under the gold "
              "reward (ties count one half; 95% interval over prompts); RM score is the learned reward model's.",
              "", "| model | gold reward | win rate vs SFT (gold) | RM score | mean length (tokens) |",
              "|---|---|---|---|---|"]  # fmt: skip
