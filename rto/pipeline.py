@@ -174,8 +174,8 @@ def report(root: Path, results: dict, cfg: PipelineConfig) -> None:
     lines = [f"# Toy-world report: {cfg.name}", "",
              f"Seed {cfg.seed}; {cfg.world.n_eval} held-out prompts, sampled at temperature {cfg.eval_temperature}"
              f"{' (short run: rto/pipeline.py QUICK steps per stage)' if cfg.quick else ''}. Gold reward is the toy "
-             "world's known judgement; win rate is against the SFT model's responses to the same prompts under the gold "
-             "reward (ties count one half; 95% interval over prompts); RM score is the learned reward model's.",
+             "world's known judgement; win rate is against the SFT model's responses to the same prompts under the "
+             "gold reward (ties count one half; 95% interval over prompts); RM score is the learned reward model's.",
              "", "| model | gold reward | win rate vs SFT (gold) | RM score | mean length (tokens) |",
              "|---|---|---|---|---|"]  # fmt: skip
     for name, r in results.items():
