@@ -48,3 +48,16 @@ def test_bench_kernels_quick_writes_results(tmp_path):
     md = json_file.with_suffix(".md").read_text()
     assert "GPU numbers need a GPU" in md
     assert md.count("\n| linear_logprobs") == 4
+
+
+def test_bench_step_quick_runs_both_variants(tmp_path):
+    from benchmarks import bench_step
+
+    assert bench_step.main(["--shape", "micro", "--quick", "--out", str(tmp_path)]) == 0
+    (json_file,) = tmp_path.glob("step_micro_*_quick.json")
+    runs = json.loads(json_file.read_text())["runs"]
+    for variant in ("ours", "peer"):
+        assert set(runs[variant]["times"]) == {"generate", "score", "advantages", "update", "sync"}
+        assert all(t > 0 for t in runs[variant]["times"].values())
+        assert runs[variant]["tokens"]["generated"] > 0 and 0 < runs[variant]["update_mfu"] < 1
+    assert "| whole step |" in json_file.with_suffix(".md").read_text()

@@ -1,0 +1,350 @@
+"""One full RTO step (generate, score, advantages, update, sync), ours against a peer-style baseline.
+
+Run:  python benchmarks/bench_step.py --shape tiny             (CPU; --quick for the CI smoke test)
+      python benchmarks/bench_step.py --shape 1b [--profile]    (GPU; also 0.5b, 8b: random weights, no download)
+
+Both variants run the same rollout (same prompts, same seed) through the trainer's own functions
+(`score_rollout`, `compute_advantages`, `ppo_update`) on a one-rank FSDP2 group; they differ where peer
+trainers differ:
+- log-probs: ours through `rto_kernels.linear_logprobs` on response positions only; peer: the full [B, T, V]
+  logits, fp32 log_softmax and gather, for actor, reference and DPO model, in scoring and in the update;
+- advantages: ours one `rto_kernels.rto_advantages` pass (the Triton kernel on GPU; the reference on CPU, so
+  no difference there); peer: vectorised rewards then the Python loop over time;
+- weight sync into an inference copy: ours bucketed (`rollout.weight_sync`, 512 MiB buckets); peer: one load
+  call per parameter.
+Each variant runs in a fresh subprocess. Reported per phase: wall time (median of the measured steps), peak
+memory above the phase's start (CUDA: max_memory_allocated; CPU: the kernel's peak RSS, reset before each phase
+through /proc/self/clear_refs, with glibc told to map every allocation over 64 KiB on its own so that RSS follows
+live tensors), generation tokens/s, training tokens/s and the update phase's MFU against the
+device's measured matmul rate. Output: benchmarks/results/step_<shape>_<device>_<date>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {  # Llama-shaped configs: hidden, layers, heads, kv heads, intermediate, vocab
+    "micro": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=172, vocab_size=2048),  # CI smoke test
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=688, vocab_size=32000),
+    "0.5b": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
+                 intermediate_size=2816, vocab_size=128256),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256),
+}  # fmt: skip
+PHASES = ("generate", "score", "advantages", "update", "sync")
+
+
+# ---- memory ----
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+class PhaseMemory:
+    """Peak memory above a phase's start, in MiB."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+            self.base = _status("VmRSS:")
+
+    def stop(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        return (_status("VmHWM:") - self.base) / 2**20
+
+
+# ---- the peer-style pieces ----
+
+
+def peer_policy_class():
+    from rto.models import PolicyModel, shift_targets
+
+    class PeerPolicyModel(PolicyModel):
+        """Log-probs the way peer trainers compute them: full logits, fp32 log_softmax, gather."""
+
+        def forward(self, input_ids, attention_mask, position_ids=None, *, loss_mask, temperature=1.0, **_):
+            logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+            logp_all = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)  # [B, T-1, V]
+            sel, targets = shift_targets(input_ids, loss_mask)
+            logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)  # [B, T-1]
+            out = torch.zeros(loss_mask.shape, dtype=logp.dtype, device=logp.device)
+            out[:, 1:] = torch.where(sel, logp, torch.zeros_like(logp))
+            return {"logp": out}
+
+    return PeerPolicyModel
+
+
+def peer_advantages(s, mask, cfg):
+    from rto.advantages import whiten
+    from rto_kernels import reference
+
+    r = cfg.rewards
+    rewards, adv, returns = reference.rto_advantages(
+        s.logp_old, s.logp_ref, s.logp_dpo, s.score, s.values, mask, kl_coef=r.kl_coef, dpo_scale=r.dpo_scale,
+        dpo_clip=r.dpo_clip, score_clip=r.score_clip, shaping=cfg.algo, gamma=r.gamma, lam=r.lam)  # fmt: skip
+    return rewards, whiten(adv, mask), returns
+
+
+def per_parameter_sync(lm, engine_copy) -> None:
+    target = dict(engine_copy.named_parameters())
+    for name, p in lm.named_parameters():  # one load call per parameter
+        target[name].data.copy_(p.detach())
+
+
+def bucketed_sync(lm, engine_copy) -> None:
+    from rto.rollout.weight_sync import stream_weights
+
+    target = engine_copy.state_dict()
+
+    def load(bucket):
+        for name, t in bucket:
+            target[name].copy_(t)
+
+    stream_weights(lm, load, 512 * 2**20)
+
+
+# ---- one variant, in this process ----
+
+
+def run_variant(variant: str, shape: str, steps: int, batch: int, prompt_len: int, new_tokens: int, profile: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
+
+    from rto import advantages
+    from rto.config import PPOConfig, load_config
+    from rto.models import PolicyModel, ScalarModel
+    from rto.parallel import freeze, init_distributed, shard
+    from rto.rollout.hf import HFEngine
+    from rto.scoring import score_rollout
+    from rto.trainers import ppo
+
+    d = init_distributed()
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False,
+                         pad_token_id=0, torch_dtype=dtype)  # fmt: skip
+    cfg: PPOConfig = load_config("ppo", None, ["actor.path=x", "reward=x", "dpo=x", "data.path=x",
+                                               f"rollout.max_new_tokens={new_tokens}",
+                                               f"rollout.prompts_per_step={batch}", f"rollout.micro_batch_size={batch}",
+                                               f"train.train_batch_size={batch}",
+                                               f"train.micro_batch_size={min(batch, 8)}",
+                                               "actor_optim.warmup_ratio=0"])  # fmt: skip
+    policy_cls = peer_policy_class() if variant == "peer" else PolicyModel
+
+    def causal(seed):
+        torch.manual_seed(seed)
+        lm = LlamaForCausalLM(config).to(dtype)
+        return lm, shard(policy_cls(lm), lm, cfg.parallel, d.device)
+
+    def scalar(seed):
+        torch.manual_seed(seed)
+        c = LlamaConfig(**{**config.to_dict(), "num_labels": 1, "classifier_dropout": 0.0})
+        hf = LlamaForTokenClassification(c).to(dtype)
+        return hf, shard(ScalarModel(hf), hf, cfg.parallel, d.device)
+
+    actor_lm, actor = causal(1)
+    _, ref = causal(1)
+    _, dpo_model = causal(2)
+    critic_hf, critic = scalar(3)
+    _, reward = scalar(4)
+    models = ppo.Models(actor, actor_lm, freeze(ref), freeze(dpo_model), critic, critic_hf, freeze(reward))
+    engine_copy = LlamaForCausalLM(config).to(dtype).to(d.device)  # the inference engine's weights
+
+    class Tok:  # the engine needs only EOS and pad ids; EOS is never sampled on purpose (fixed-length rollouts)
+        eos_token_id = config.vocab_size - 1
+        pad_token_id = 0
+
+    engine = HFEngine(actor, actor_lm, Tok(), cfg.rollout, d.device)
+    opt = []
+    for name, model, o in (("actor", actor, cfg.actor_optim), ("critic", critic, cfg.critic_optim)):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr)
+        opt.append(
+            (name, optimizer, ppo.Sched(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), 1.0), model)
+        )
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, config.vocab_size - 1, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+    compute_adv = peer_advantages if variant == "peer" else advantages.compute_advantages
+    sync = per_parameter_sync if variant == "peer" else bucketed_sync
+    mem = PhaseMemory(d.device)
+    times = {p: [] for p in PHASES}
+    peaks = {p: 0.0 for p in PHASES}
+    tokens = {"generated": 0, "trained": 0}
+
+    def phase(name, fn):
+        mem.start()
+        t0 = time.perf_counter()
+        out = fn()
+        if d.device.type == "cuda":
+            torch.cuda.synchronize()
+        times[name].append(time.perf_counter() - t0)
+        peaks[name] = max(peaks[name], mem.stop())
+        return out
+
+    prof = None
+    for step in range(steps + 1):  # step 0 warms up (lazy init, allocator, kernels)
+        if profile and step == steps and d.device.type == "cuda":
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
+            prof.__enter__()
+        torch.manual_seed(100 + step)
+        b = phase("generate", lambda: engine.generate(prompts))
+        s = phase("score", lambda b=b: score_rollout(b, actor=actor, ref=ref, dpo=dpo_model, critic=critic,
+                                                     reward_model=reward, rewards=cfg.rewards, temperature=1.0,
+                                                     micro_batch_size=cfg.train.micro_batch_size))  # fmt: skip
+        r = phase("advantages", lambda b=b, s=s: compute_adv(s, b.response_mask, cfg))
+        phase("update", lambda b=b, s=s, r=r, k=step: ppo.ppo_update(b, s, r[1], r[2], models, opt, cfg, d, k))
+        phase("sync", lambda: _sync_full(sync, actor, actor_lm, engine_copy))
+        if step == 0:
+            times = {p: [] for p in PHASES}
+            peaks = {p: 0.0 for p in PHASES}
+        else:
+            tokens["generated"] += int(b.response_mask.sum())
+            tokens["trained"] += int(b.attention_mask.sum())
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        prof.export_chrome_trace(str(RESULTS / f"trace_{variant}_{shape}.json"))
+    params = sum(p.numel() for p in actor_lm.parameters())
+    critic_params = sum(p.numel() for p in critic_hf.parameters())
+    return {"times": {p: statistics.median(v) for p, v in times.items()}, "peak_mib": peaks, "tokens": tokens,
+            "steps": steps, "actor_params": params, "critic_params": critic_params}  # fmt: skip
+
+
+def _sync_full(sync, actor, actor_lm, engine_copy):
+    """Sync with the actor's FSDP2 units gathered (as for generation), so both variants copy whole tensors."""
+    from rto.rollout.hf import gathered
+
+    with gathered(actor):
+        sync(actor_lm, engine_copy)
+
+
+# ---- driver ----
+
+
+def matmul_rate(device: torch.device) -> float:
+    """Measured dense matmul rate (TFLOP/s) in the training dtype of this device."""
+    n = 4096 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        a @ a
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=SHAPES, default="tiny")
+    parser.add_argument("--quick", action="store_true", help="CI smoke test: 1 measured step, small batch")
+    parser.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up step)")
+    parser.add_argument("--batch", type=int, default=32, help="prompts per step")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--profile", action="store_true", help="write a torch.profiler trace of one step (GPU)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--variant", choices=("ours", "peer"), help=argparse.SUPPRESS)  # internal: one variant
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.batch, args.prompt_len, args.new_tokens = 1, 8, 16, 16
+    if args.variant:
+        result = run_variant(args.variant, args.shape, args.steps, args.batch, args.prompt_len, args.new_tokens,
+                             args.profile)  # fmt: skip
+        print("RESULT " + json.dumps(result))
+        return 0
+
+    runs = {}
+    for variant in ("ours", "peer"):
+        cmd = [sys.executable, __file__, "--variant", variant, "--shape", args.shape, "--steps", str(args.steps),
+               "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+               *(["--profile"] if args.profile else [])]  # fmt: skip
+        # every allocation of 64 KiB or more gets its own mapping and goes back to the OS when freed, so the peak
+        # RSS of a phase follows the tensors alive in it (glibc would otherwise reuse freed memory unseen)
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode:
+            print(proc.stderr[-4000:], file=sys.stderr)
+            return proc.returncode
+        runs[variant] = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rate = matmul_rate(device)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{os.cpu_count()}cores"
+    for r in runs.values():
+        total = sum(r["times"].values())
+        r["step_s"] = total
+        per_step_trained = r["tokens"]["trained"] / r["steps"]
+        per_step_generated = r["tokens"]["generated"] / r["steps"]
+        r["generate_tokens_per_s"] = per_step_generated / r["times"]["generate"]
+        r["train_tokens_per_s"] = per_step_trained / r["times"]["update"]
+        flops = 6 * (r["actor_params"] + r["critic_params"]) * per_step_trained  # fwd + bwd of actor and critic
+        r["update_mfu"] = flops / r["times"]["update"] / (rate * 1e12)
+    write(runs, args, device_name, rate)
+    return 0
+
+
+def write(runs: dict, args, device_name: str, rate: float) -> None:
+    ours, peer = runs["ours"], runs["peer"]
+    date = dt.date.today().isoformat()
+    slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
+    stem = args.out / f"step_{args.shape}_{slug}_{date}{'_quick' if args.quick else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    command = "python benchmarks/bench_step.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--out"))
+    lines = [f"# Step benchmark: shape {args.shape}, {device_name}, {date}", "", f"Command: `{command.strip()}`", "",
+             f"{args.batch} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.steps} measured "
+             f"steps after one warm-up; measured matmul rate {rate:.2f} TFLOP/s. Times are medians over steps; peak "
+             "memory is above each phase's start.", "",
+             "| phase | ours s | peer-style s | time ratio (ours/peer) | ours peak MiB | peer peak MiB "
+             "| memory ratio |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for p in PHASES:
+        to, tp = ours["times"][p], peer["times"][p]
+        mo, mp = ours["peak_mib"][p], peer["peak_mib"][p]
+        mratio = f"{mo / mp:.2f}" if mp > 1 else "-"
+        lines.append(f"| {p} | {to:.4f} | {tp:.4f} | {to / tp:.2f} | {mo:.0f} | {mp:.0f} | {mratio} |")
+    lines.append(f"| whole step | {ours['step_s']:.4f} | {peer['step_s']:.4f} | {ours['step_s'] / peer['step_s']:.2f} "
+                 "| | | |")  # fmt: skip
+    lines += ["", "| | ours | peer-style |", "|---|---|---|"]
+    for key, label in (("generate_tokens_per_s", "generation tokens/s"), ("train_tokens_per_s", "training tokens/s"),
+                       ("update_mfu", "update-phase MFU")):  # fmt: skip
+        fmt = "{:.1%}" if key == "update_mfu" else "{:,.0f}"
+        lines.append(f"| {label} | {fmt.format(ours[key])} | {fmt.format(peer[key])} |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "device": device_name,
+                                                     "matmul_tflops": rate, "runs": runs}, indent=1))  # fmt: skip
+    print("\n".join(lines))
+    print(f"wrote {stem}.md and .json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
