@@ -1,7 +1,7 @@
 # One entry point for people and CI. `make test` is what .ci/run calls.
 PY ?= python
 
-.PHONY: setup test test-kernels test-unit lint format bench demo gpu-test
+.PHONY: setup test test-kernels test-unit lint format bench bench-step reproduce demo gpu-test
 
 # torch first: a bare torch requirement with no torch installed would pull the CUDA build.
 setup:
@@ -30,9 +30,17 @@ format:
 bench:
 	$(PY) benchmarks/bench_kernels.py
 
-# The main job for now: set up, then the kernel benchmark (CPU mode without a GPU), results under runs/.
+# The main job: the whole pipeline on the embedded toy world, report in runs/toy/report.md.
 demo: setup
-	$(PY) benchmarks/bench_kernels.py --out runs/bench
+	$(PY) -m rto pipeline --recipe toy
+
+# One full RTO step against a peer-style baseline (tiny shape on CPU; --shape 1b on a GPU).
+bench-step:
+	$(PY) benchmarks/bench_step.py
+
+# PPO vs RTO (and RS-PPO, DDPO) on the toy world over 3 seeds, results under benchmarks/results/.
+reproduce:
+	$(PY) benchmarks/reproduce_toy.py --seeds 0 1 2
 
 gpu-test:
 	$(PY) -m pytest -m gpu tests

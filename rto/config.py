@@ -80,6 +80,7 @@ class TrainConfig:
     eval_every: int = doc(0, "evaluate every N steps (0: at the end only)")
     save_every: int = doc(0, "checkpoint every N steps (0: at the end only)")
     log_every: int = doc(1, "log metrics every N steps")
+    max_nonfinite: int = doc(3, "updates in a row skipped for NaN/inf before the run stops")
 
 
 @dataclass
@@ -180,6 +181,7 @@ class PPOTrainConfig:
     seed: int = doc(0, "seed for prompt order, sampling and initialisation")
     log_every: int = doc(1, "log metrics every N steps")
     save_every: int = doc(0, "checkpoint every N steps (0: at the end only)")
+    max_nonfinite: int = doc(3, "steps in a row whose update was skipped for NaN/inf before the run stops")
 
 
 @dataclass

@@ -34,7 +34,8 @@ def args(rl, out, name, *extra):
     return [f"actor.path={rl['model']}", f"reward={rl['reward']}", f"dpo={rl['dpo']}", f"data.path={rl['prompts']}",
             f"run.output_dir={out}", f"run.name={name}", "rollout.prompts_per_step=16", "rollout.max_new_tokens=12",
             "train.train_batch_size=8", "train.micro_batch_size=4", "actor_optim.lr=1e-3", "critic_optim.lr=1e-3",
-            "actor_optim.warmup_ratio=0", "critic_optim.warmup_ratio=0", *QUIET, *extra]  # fmt: skip
+            "actor_optim.warmup_ratio=0", "critic_optim.warmup_ratio=0", "train.log_every=1", *QUIET,
+            *extra]  # fmt: skip
 
 
 def metrics(run_dir):

@@ -28,6 +28,7 @@ from torch import nn
 from rto.checkpoint import checkpoint_dir, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.config import OfflineConfig, to_yaml, validate
 from rto.data import epoch_batches, leftover, load_rows, rank_micro_batches
+from rto.guard import NonFiniteGuard
 from rto.metrics import MetricLogger
 from rto.models import load_tokenizer
 from rto.parallel import Dist, all_reduce_sum, clip_grad_norm, init_distributed
@@ -167,7 +168,7 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
 
     logger = MetricLogger(ctx.run_dir, enabled=d.is_main, total_steps=total, initial_step=step,
                           tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, progress=cfg.run.progress)  # fmt: skip
-    skipped = 0
+    guard = NonFiniteGuard(t.max_nonfinite, str(ctx.run_dir / "checkpoints"))
     metrics: dict[str, float] = {}
     epoch_cache: dict[int, list[list[int]]] = {}
     task.model.train()
@@ -188,13 +189,9 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0) + v.detach().sum()
             grad_norm = clip_grad_norm(params, o.grad_clip)
-            finite = bool(torch.isfinite(grad_norm))  # host sync
-            if finite:
+            first = next(iter(totals))  # the loss-like statistic of the task (loss or nll)
+            if guard.check(step + 1, {f"loss ({first})": totals[first], "gradient norm": grad_norm}):
                 optimizer.step()
-            else:
-                skipped += 1
-                log.warning("step %d: gradient norm is %s; update skipped (%d so far)", step + 1, grad_norm.item(),
-                            skipped)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
@@ -205,13 +202,13 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
                 elapsed = time.perf_counter() - start
                 metrics = {f"train/{k}": v for k, v in task.means(sums).items()}
                 metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
-                                "train/skipped_updates": skipped, "time/step_s": elapsed})  # fmt: skip
+                                "train/skipped_updates": guard.total, "time/step_s": elapsed})  # fmt: skip
                 if "tokens" in sums:
                     metrics["throughput/tokens_per_s"] = sums["tokens"] / elapsed
                 logger.log(step, metrics)
             if t.eval_every and step % t.eval_every == 0 and step < total:
                 logger.log(step, evaluate(task, eval_items, ctx))
-            if t.save_every and step % t.save_every == 0 and step < total:
+            if t.save_every and step % t.save_every == 0 and step < total and guard.in_a_row == 0:
                 _save(task, optimizer, scheduler, step, len(train_items), ctx)
         final = evaluate(task, eval_items, ctx)
         logger.log(step, final)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from rto.advantages import compute_advantages
 from rto.checkpoint import checkpoint_dir, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.config import ConfigError, PPOConfig, to_yaml, validate
 from rto.data import epoch_batches, load_rows, tokenize_prompts
+from rto.guard import NonFiniteGuard
 from rto.losses import ppo_policy_loss, value_loss
 from rto.metrics import MetricLogger
 from rto.models import PolicyModel, ScalarModel, check_model_path, load_causal_lm, load_scalar_model, load_tokenizer
@@ -261,7 +263,6 @@ def summarise(r: dict[str, float], u: dict[str, float], seconds: dict[str, float
         "train/kl_old_k1": u["kl_old_k1"] / max(u["tokens"], 1),
         "train/kl_old_k3": u["kl_old_k3"] / max(u["tokens"], 1),
         "train/actor_grad_norm": u["actor_grad_norm"] / updates,
-        "train/skipped_updates": u.get("actor_skipped_updates", 0) + u.get("critic_skipped_updates", 0),
     }
     if "entropy" in u:
         m["train/entropy"] = u["entropy"] / max(u["tokens"], 1)
@@ -345,6 +346,7 @@ def main(cfg: PPOConfig, rollout_metrics: Callable[[RolloutBatch], dict[str, tor
     logger = MetricLogger(run_dir, enabled=d.is_main, total_steps=t.steps, initial_step=start,
                           tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, progress=cfg.run.progress)  # fmt: skip
     metrics: dict[str, float] = {}
+    guard = NonFiniteGuard(t.max_nonfinite, str(run_dir / "checkpoints"))
 
     def save(step: int) -> None:
         state = {"step": step, "n_prompts": len(prompts),
@@ -364,8 +366,19 @@ def main(cfg: PPOConfig, rollout_metrics: Callable[[RolloutBatch], dict[str, tor
                 )  # fmt: skip
             with timer("advantages"):
                 rewards, adv, returns = compute_advantages(scored, batch.response_mask, cfg)
+            inputs = {
+                "reward-model score": scored.score,
+                "token rewards": rewards,
+                "advantages": adv,
+                "returns": returns,
+            }
             with timer("update"):
-                update = ppo_update(batch, scored, adv, returns, models, opt, cfg, d, step)
+                update = {}
+                if guard.check(step + 1, inputs):
+                    update = ppo_update(batch, scored, adv, returns, models, opt, cfg, d, step)
+                    skipped = [n for n, *_ in opt if float(update.get(f"{n}_skipped_updates", 0)) > 0]  # host sync
+                    if skipped:
+                        guard.skip(step + 1, f"{skipped[0]} gradient norm")
             with timer("sync"):
                 engine.sync_weights()
             logger.advance()
@@ -376,11 +389,12 @@ def main(cfg: PPOConfig, rollout_metrics: Callable[[RolloutBatch], dict[str, tor
                 r = {k: all_reduce_sum(v, d.device).item() for k, v in stats.items()}
                 u = {k: all_reduce_sum(v, d.device).item() for k, v in update.items()}
                 r["max_length"] = all_reduce_max(int(batch.response_lengths.max()), d.device)
-                metrics = summarise(r, u, timer.seconds, cfg)
+                metrics = summarise(r, defaultdict(float, u), timer.seconds, cfg)
+                metrics["train/skipped_updates"] = guard.total
                 metrics.update({f"rollout/{k[6:]}": v / r["sequences"] for k, v in r.items() if k.startswith("extra/")})
                 metrics["train/actor_lr"] = opt[0][2].scheduler.get_last_lr()[0]
                 logger.log(step + 1, metrics)
-            if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps:
+            if t.save_every and (step + 1) % t.save_every == 0 and step + 1 < t.steps and guard.in_a_row == 0:
                 save(step + 1)
         save(t.steps)
         export_hf(models.actor_lm, tokenizer, run_dir / "hf" / "actor", d)
