@@ -88,6 +88,7 @@ class ParallelConfig:
     mixed_precision: str = doc("auto", "bf16 compute with fp32 reduction: auto (on CUDA only), bf16 or off")
     activation_checkpointing: bool = doc(False, "recompute decoder-layer activations in backward")
     cpu_offload: bool = doc(False, "keep sharded parameters and gradients in CPU memory (FSDP2 offload)")
+    timeout_s: float = doc(1800.0, "seconds a collective may wait for the other ranks before the run stops")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -51,6 +52,29 @@ def init_distributed(timeout_s: float = 1800) -> Dist:
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device)
+
+
+class CollectiveError(RuntimeError):
+    """A collective timed out or lost a peer: another rank hung or died."""
+
+
+@contextmanager
+def named_collectives(what: str):
+    """Re-raise a backend timeout or a lost peer inside `what` as an error that says where it happened."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        text = str(e)
+        lowered = text.lower()
+        if isinstance(e, CollectiveError) or not any(k in lowered for k in ("timed out", "timeout", "closed by peer",
+                                                                              "connection reset")):  # fmt: skip
+            raise
+        cause = "timed out" if "time" in lowered else "lost a peer"
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        raise CollectiveError(
+            f"rank {rank}: a collective {cause} during {what}; another rank is probably hung or dead (see its log). "
+            f"Backend message: {text.splitlines()[0][:300]}"
+        ) from e
 
 
 def decoder_layers(hf_model: nn.Module) -> list[nn.Module]:

@@ -145,3 +145,34 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes(assets, tmp_path):
     steps = [m["step"] for m in metrics(tmp_path / "elastic") if "train/loss" in m]
     assert steps[-1] == 8 and 5 in steps
     assert (tmp_path / "elastic" / "hf" / "model.safetensors").is_file()
+
+
+HANGING_ENTRY = """
+import os, sys, time
+import torch
+from rto.models import PolicyModel
+original = PolicyModel.forward
+calls = {"n": 0}
+def forward(self, *args, **kwargs):
+    if torch.is_grad_enabled():
+        calls["n"] += 1
+        if calls["n"] == 3 and os.environ["RANK"] == "1":
+            time.sleep(60)  # rank 1 hangs at the start of step 3 (two micro-batches per step)
+    return original(self, *args, **kwargs)
+PolicyModel.forward = forward
+from rto.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_hung_rank_is_caught_by_the_timeout_with_the_phase_named(assets, tmp_path):
+    entry = tmp_path / "hanging_entry.py"
+    entry.write_text(HANGING_ENTRY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    args = run_args(assets, tmp_path, "sft", "hang", "train.max_steps=6", "parallel.timeout_s=5")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(entry), "sft", *args]
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "rank 0: a collective timed out during step 3: forward/backward" in proc.stderr, proc.stderr[-3000:]
+    assert time.time() - start < 55  # stopped by the 5 s timeout, not by the hung rank waking up

@@ -31,7 +31,7 @@ from rto.data import epoch_batches, leftover, load_rows, rank_micro_batches
 from rto.guard import NonFiniteGuard
 from rto.metrics import MetricLogger
 from rto.models import load_tokenizer
-from rto.parallel import Dist, all_reduce_sum, clip_grad_norm, init_distributed
+from rto.parallel import Dist, all_reduce_sum, clip_grad_norm, init_distributed, named_collectives
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Context:
 
 def setup(cfg: OfflineConfig) -> Context:
     """Process group, validation against the real world size, logging, run folder, tokenizer."""
-    d = init_distributed()
+    d = init_distributed(cfg.parallel.timeout_s)
     validate(cfg, d.world_size)
     logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
@@ -182,13 +182,14 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
             denom = task.count([train_items[i] for i in batch])
             micro = rank_micro_batches(batch, d.rank, d.world_size, t.micro_batch_size)
             totals: dict[str, torch.Tensor] = {}
-            for i, ids in enumerate(micro):
-                task.model.set_requires_gradient_sync(i == len(micro) - 1)
-                objective, stats = task.forward([train_items[j] for j in ids])
-                (objective * d.world_size / denom).backward()  # FSDP2 averages gradients over ranks
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0) + v.detach().sum()
-            grad_norm = clip_grad_norm(params, o.grad_clip)
+            with named_collectives(f"step {step + 1}: forward/backward (FSDP2 all-gather / reduce-scatter)"):
+                for i, ids in enumerate(micro):
+                    task.model.set_requires_gradient_sync(i == len(micro) - 1)
+                    objective, stats = task.forward([train_items[j] for j in ids])
+                    (objective * d.world_size / denom).backward()  # FSDP2 averages gradients over ranks
+                    for k, v in stats.items():
+                        totals[k] = totals.get(k, 0) + v.detach().sum()
+                grad_norm = clip_grad_norm(params, o.grad_clip)
             first = next(iter(totals))  # the loss-like statistic of the task (loss or nll)
             if guard.check(step + 1, {f"loss ({first})": totals[first], "gradient norm": grad_norm}):
                 optimizer.step()

@@ -33,7 +33,7 @@ from rto.guard import NonFiniteGuard
 from rto.losses import ppo_policy_loss, value_loss
 from rto.metrics import MetricLogger
 from rto.models import PolicyModel, ScalarModel, check_model_path, load_causal_lm, load_scalar_model, load_tokenizer
-from rto.parallel import Dist, all_reduce_sum, clip_grad_norm, freeze, init_distributed, shard
+from rto.parallel import Dist, all_reduce_sum, clip_grad_norm, freeze, init_distributed, named_collectives, shard
 from rto.rollout.engine import RolloutBatch
 from rto.rollout.hf import HFEngine
 from rto.scoring import Scored, action_values, score_rollout
@@ -95,15 +95,19 @@ def build_engine(cfg: PPOConfig, models: Models, tokenizer, d: Dist):
 
 
 class Timer:
-    def __init__(self):
+    """Wall time per phase; a collective that times out inside a phase is reported with the phase's name."""
+
+    def __init__(self, step: int = 0):
         self.seconds: dict[str, float] = {}
+        self.step = step
 
     @contextmanager
     def __call__(self, phase: str):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        yield
+        with named_collectives(f"step {self.step}: the {phase} phase"):
+            yield
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds[phase] = time.perf_counter() - start
@@ -294,7 +298,7 @@ def load_prompts(cfg: PPOConfig, tokenizer, d: Dist) -> list[list[int]]:
 def main(cfg: PPOConfig, rollout_metrics: Callable[[RolloutBatch], dict[str, torch.Tensor]] | None = None) -> dict:
     """Train; `rollout_metrics` (optional) maps a rollout batch to extra per-sequence values [B], logged as
     their mean under rollout/<name> (the toy world logs the gold reward of every rollout this way)."""
-    d = init_distributed()
+    d = init_distributed(cfg.parallel.timeout_s)
     validate(cfg, d.world_size)
     logging.basicConfig(
         level=logging.INFO if d.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
@@ -355,7 +359,7 @@ def main(cfg: PPOConfig, rollout_metrics: Callable[[RolloutBatch], dict[str, tor
 
     try:
         for step in range(start, t.steps):
-            timer = Timer()
+            timer = Timer(step + 1)
             with timer("generate"):
                 batch = engine.generate(step_prompts(prompts, step, cfg, d))
             with timer("score"):
