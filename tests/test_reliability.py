@@ -176,3 +176,36 @@ def test_a_hung_rank_is_caught_by_the_timeout_with_the_phase_named(assets, tmp_p
     assert proc.returncode != 0
     assert "rank 0: a collective timed out during step 3: forward/backward" in proc.stderr, proc.stderr[-3000:]
     assert time.time() - start < 55  # stopped by the 5 s timeout, not by the hung rank waking up
+
+
+def test_sigkill_during_ppo_then_resume_matches_an_uninterrupted_run(tmp_path):
+    rl = make_rl_assets(tmp_path / "rl", n_prompts=32)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cmd(name, *extra):
+        settings = [f"actor.path={rl['model']}", f"reward={rl['reward']}", f"dpo={rl['dpo']}",
+                    f"data.path={rl['prompts']}", f"run.output_dir={tmp_path}", f"run.name={name}",
+                    "rollout.prompts_per_step=16", "rollout.max_new_tokens=8", "train.steps=12",
+                    "train.train_batch_size=8", "train.micro_batch_size=8", "train.save_every=1", "run.keep_last=3",
+                    "run.progress=false", "run.tensorboard=false"]  # fmt: skip
+        return [sys.executable, "-m", "rto", "ppo", "--recipe", "toy", *settings, *extra]
+
+    subprocess.run(cmd("clean"), check=True, env=env, capture_output=True, timeout=600)
+    proc = subprocess.Popen(cmd("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while (
+        latest_checkpoint(tmp_path / "killed") is None or latest_checkpoint(tmp_path / "killed").name < "step_00000004"
+    ):
+        assert proc.poll() is None, "the run finished before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.15)  # somewhere inside a later step: rollout, scoring, update or a save
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "hf").exists()
+    subprocess.run(cmd("killed", "run.resume=auto"), check=True, env=env, capture_output=True, timeout=600)
+    for part in ("actor", "critic"):
+        a = load_file(tmp_path / "clean" / "hf" / part / "model.safetensors")
+        b = load_file(tmp_path / "killed" / "hf" / part / "model.safetensors")
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{part} {k} differs after kill + resume")
