@@ -14,9 +14,10 @@ trainers differ:
   call per parameter.
 Each variant runs in a fresh subprocess. Reported per phase: wall time (median of the measured steps), peak
 memory above the phase's start (CUDA: max_memory_allocated; CPU: the kernel's peak RSS, reset before each phase
-through /proc/self/clear_refs, with glibc told to map every allocation over 64 KiB on its own so that RSS follows
-live tensors), generation tokens/s, training tokens/s and the update phase's MFU against the
-device's measured matmul rate. Output: benchmarks/results/step_<shape>_<device>_<date>.{json,md}.
+through /proc/self/clear_refs, in a second run where glibc maps every allocation over 64 KiB on its own so that
+RSS follows live tensors; times come from the first run), generation tokens/s, training tokens/s and the update
+phase's MFU against the device's measured matmul rate.
+Output: benchmarks/results/step_<shape>_<device>_<date>.{json,md}.
 """
 
 from __future__ import annotations
@@ -230,8 +231,9 @@ def run_variant(variant: str, shape: str, steps: int, batch: int, prompt_len: in
     if prof is not None:
         prof.__exit__(None, None, None)
         prof.export_chrome_trace(str(RESULTS / f"trace_{variant}_{shape}.json"))
-    params = sum(p.numel() for p in actor_lm.parameters())
-    critic_params = sum(p.numel() for p in critic_hf.parameters())
+    # matmul parameters: the input embedding is a lookup, not a matmul, so it does not count toward FLOPs
+    params = sum(p.numel() for n, p in actor_lm.named_parameters() if "embed_tokens" not in n)
+    critic_params = sum(p.numel() for n, p in critic_hf.named_parameters() if "embed_tokens" not in n)
     return {"times": {p: statistics.median(v) for p, v in times.items()}, "peak_mib": peaks, "tokens": tokens,
             "steps": steps, "actor_params": params, "critic_params": critic_params}  # fmt: skip
 
@@ -290,14 +292,14 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--variant", variant, "--shape", args.shape, "--steps", str(args.steps),
                "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
                *(["--profile"] if args.profile else [])]  # fmt: skip
-        # every allocation of 64 KiB or more gets its own mapping and goes back to the OS when freed, so the peak
-        # RSS of a phase follows the tensors alive in it (glibc would otherwise reuse freed memory unseen)
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": "65536"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode:
-            print(proc.stderr[-4000:], file=sys.stderr)
-            return proc.returncode
-        runs[variant] = json.loads(proc.stdout.split("RESULT ", 1)[1])
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        result = _child(cmd, env)
+        if not torch.cuda.is_available():
+            # CPU peak memory comes from a second run in which every allocation of 64 KiB or more gets its own
+            # mapping and goes back to the OS when freed, so a phase's peak RSS follows its live tensors (glibc
+            # would otherwise reuse freed memory unseen). Its syscalls distort time, so times come from the first.
+            result["peak_mib"] = _child(cmd, {**env, "MALLOC_MMAP_THRESHOLD_": "65536"})["peak_mib"]
+        runs[variant] = result
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rate = matmul_rate(device)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{os.cpu_count()}cores"
@@ -312,6 +314,13 @@ def main(argv=None) -> int:
         r["update_mfu"] = flops / r["times"]["update"] / (rate * 1e12)
     write(runs, args, device_name, rate)
     return 0
+
+
+def _child(cmd: list[str], env: dict) -> dict:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
 def write(runs: dict, args, device_name: str, rate: float) -> None:

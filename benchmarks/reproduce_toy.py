@@ -66,10 +66,12 @@ def aggregate(seeds: list[int], out: Path) -> dict:
         px, py = curves_["ppo"][s]
         target = smooth(py)[-1]
         rx, ry = curves_["rto"][s]
+        # control: when PPO itself first reached its own final value (a plateau makes both numbers small)
         reach[s] = {
             "ppo_final_gold": target,
             "ppo_samples": px[-1],
             "rto_samples_to_reach": samples_to_reach(rx, ry, target),
+            "ppo_samples_to_reach": samples_to_reach(px, py, target),
         }
     from rto.pipeline import config_int
 
@@ -121,11 +123,18 @@ def write(result: dict, out: Path, command: str) -> Path:
     lines += ["", "Final rollout gold reward (smoothed over the last 3 logged steps) per seed:", ""]
     for a, v in result["final_rollout_gold"].items():
         lines.append(f"- {LABELS[a]}: {', '.join(f'{x:.2f}' for x in v)} (mean {statistics.fmean(v):.2f})")
-    lines += ["", "Samples RTO needs to reach PPO's final rollout gold reward (smoothed):", ""]
+    lines += [
+        "",
+        "Samples RTO needs to reach PPO's final rollout gold reward (smoothed), with PPO's own first arrival "
+        "at that value as the control:",
+        "",
+    ]
     for s, r in result["reach"].items():
         got = r["rto_samples_to_reach"]
         frac = f"{got / r['ppo_samples']:.2f} of PPO's {r['ppo_samples']}" if got else "not reached"
-        lines.append(f"- seed {s}: PPO final {r['ppo_final_gold']:.2f}; RTO reached it after {got} samples ({frac})")
+        own = r["ppo_samples_to_reach"]
+        lines.append(f"- seed {s}: PPO final {r['ppo_final_gold']:.2f}; RTO reached it after {got} samples ({frac}); "
+                     f"PPO itself first reached it after {own} samples ({own / r['ppo_samples']:.2f})")  # fmt: skip
     lines += ["", f"![gold reward vs samples]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
