@@ -112,7 +112,7 @@ def cmd_tool(args: argparse.Namespace) -> int:
         overrides, stage_overrides = split_overrides(overrides)
         recipe = recipe or "toy"
     try:
-        cfg = C.load_config(args.command, recipe if args.command == "pipeline" else args.recipe, overrides)
+        cfg = C.load_config(args.command, recipe, overrides)
         if args.print_config:
             print(C.to_yaml(cfg))
             return 0
