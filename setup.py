@@ -22,6 +22,7 @@ setup(
         "omegaconf>=2.3",  # typed configs, YAML recipes, dotted overrides
         "tensorboard>=2.15",  # training curves (torch.utils.tensorboard)
         "tqdm>=4.60",
+        "matplotlib>=3.7",  # report plots and `rto inspect` PNGs
     ],
     extras_require={
         "dev": ["pytest>=8", "ruff>=0.8"],
