@@ -39,6 +39,8 @@ def linear_logprobs(
 
     hidden [N, H] and weight [V, H] of one dtype (fp32, bf16 or fp16); targets [N] int64 in [0, V).
     Returns logp [N] fp32 (and entropy [N] fp32 if asked); differentiable w.r.t. hidden and weight.
+    Targets are not range-checked (that would cost a host sync): one outside [0, V) gives -inf on the Triton
+    path and an index error on the reference.
     """
     if not use_triton(hidden):
         return reference.linear_logprobs(
