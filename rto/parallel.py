@@ -45,7 +45,16 @@ def init_distributed(timeout_s: float = 1800) -> Dist:
         if "RANK" in os.environ:
             if cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            # After an elastic restart the store still holds the dead round's addresses; a prefix per restart
+            # keeps a new round from connecting to them (seen as gloo "connection refused" on restart).
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+            store = dist.TCPStore(addr, port, world, is_master=not agent_store and rank == 0,
+                                  timeout=timedelta(seconds=timeout_s))  # fmt: skip
+            store = dist.PrefixStore(f"rto/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=timedelta(seconds=timeout_s))  # fmt: skip
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timedelta(seconds=timeout_s))  # fmt: skip

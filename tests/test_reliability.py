@@ -137,7 +137,8 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes(assets, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     args = run_args(assets, tmp_path, "sft", "elastic", "train.max_steps=8", "train.save_every=2", "run.resume=auto",
                     "train.log_every=1")  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1", str(entry), "sft",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           str(entry), "sft",
            *args]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
