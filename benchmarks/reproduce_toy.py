@@ -73,13 +73,12 @@ def aggregate(seeds: list[int], out: Path) -> dict:
             "rto_samples_to_reach": samples_to_reach(rx, ry, target),
             "ppo_samples_to_reach": samples_to_reach(px, py, target),
         }
-    from rto.pipeline import config_int
+    from omegaconf import OmegaConf
 
-    text = (out / f"seed{seeds[0]}" / "ppo" / "config.yaml").read_text()
-    steps, prompts = (
-        config_int(text, "steps"),
-        config_int(text, "prompts_per_step") * config_int(text, "samples_per_prompt"),
-    )
+    from rto.pipeline import samples_per_step
+
+    run = out / f"seed{seeds[0]}" / "ppo"
+    steps, prompts = OmegaConf.load(run / "config.yaml").train.steps, samples_per_step(run)
     budget = f"{steps} rollout steps x {prompts} samples ({steps * prompts} samples)"
     return {"seeds": seeds, "table": table, "reach": reach, "budget": budget,
             "final_rollout_gold": {a: [smooth(curves_[a][s][1])[-1] for s in seeds] for a in ONLINE},

@@ -91,6 +91,14 @@ def load_rows(path: str, split: str, what: str = "data.path"):
         raise ConfigError(f"{what}: cannot load split {split!r} of {path}: {e}") from None
 
 
+def load_data_rows(cfg: DataConfig):
+    """The configured training split (data.path, data.split), cut to its first data.max_rows rows if set."""
+    rows = load_rows(cfg.path, cfg.split)
+    if cfg.max_rows is not None:
+        rows = rows.select(range(min(cfg.max_rows, len(rows))))
+    return rows
+
+
 # ---- row validation ----
 
 

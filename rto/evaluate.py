@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rto.config import EvalConfig, ModelConfig
-from rto.data import load_rows, tokenize_prompts
+from rto.data import load_data_rows, tokenize_prompts
 from rto.models import ScalarModel, check_model_path, last_valid, load_scalar_model, load_tokenizer
 
 
@@ -105,9 +105,7 @@ def export(out_dir: Path, name: str, prompts: list[str], responses: list[str]) -
 def evaluate(cfg: EvalConfig) -> dict:
     """Generate, score and compare; writes results.json, responses.jsonl and the exports under the run folder."""
     tok = load_tokenizer(ModelConfig(path=cfg.model, pad_token=cfg.pad_token))
-    rows = load_rows(cfg.data.path, cfg.data.split)
-    if cfg.data.max_rows is not None:
-        rows = rows.select(range(min(cfg.data.max_rows, len(rows))))
+    rows = load_data_rows(cfg.data)
     prompts, _ = tokenize_prompts(rows, tok, cfg.data, f"{cfg.data.path}[{cfg.data.split}]")
     kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     samples = generate(cfg.model, prompts, tok, **kw)

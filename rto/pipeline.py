@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from rto.config import DataConfig, ModelConfig, PipelineConfig, load_config, recipe_path
 from rto.evaluate import generate, reward_scores, win_rate
@@ -124,30 +125,19 @@ def evaluate_all(models: dict[str, str], reward: str, prompts_path: str, tok, cf
     return out
 
 
+def samples_per_step(run_dir: Path) -> int:
+    """Rollout samples per step of an online run, from the config.yaml it wrote."""
+    rollout = OmegaConf.load(run_dir / "config.yaml").rollout
+    return rollout.prompts_per_step * rollout.samples_per_prompt
+
+
 def curves(run_dir: Path) -> tuple[list[int], list[float], list[float]]:
     """Rollout samples seen, gold reward and RM score per logged step of an online run."""
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    cfg = (run_dir / "config.yaml").read_text()
-    per_step = config_int(cfg, "prompts_per_step") * config_int(cfg, "samples_per_prompt")
+    per_step = samples_per_step(run_dir)
     rows = [r for r in rows if "rollout/gold_reward" in r]
     return ([r["step"] * per_step for r in rows], [r["rollout/gold_reward"] for r in rows],
             [r["rollout/score"] for r in rows])  # fmt: skip
-
-
-def config_int(text: str, key: str) -> int:
-    import yaml
-
-    def find(node):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                if k == key:
-                    return v
-                found = find(v)
-                if found is not None:
-                    return found
-        return None
-
-    return int(find(yaml.safe_load(text)))
 
 
 def report(root: Path, results: dict, cfg: PipelineConfig) -> None:

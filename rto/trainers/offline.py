@@ -27,7 +27,7 @@ from torch import nn
 
 from rto.checkpoint import checkpoint_dir, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rto.config import OfflineConfig, to_yaml, validate
-from rto.data import epoch_batches, leftover, load_rows, rank_micro_batches
+from rto.data import epoch_batches, leftover, load_data_rows, load_rows, rank_micro_batches
 from rto.guard import NonFiniteGuard
 from rto.metrics import MetricLogger
 from rto.models import load_tokenizer
@@ -54,8 +54,8 @@ class Context:
     tokenizer: object
 
 
-def setup(cfg: OfflineConfig) -> Context:
-    """Process group, validation against the real world size, logging, run folder, tokenizer."""
+def start_run(cfg) -> tuple[Dist, Path]:
+    """Process group, validation against the real world size, logging, run folder with its config.yaml."""
     d = init_distributed(cfg.parallel.timeout_s)
     validate(cfg, d.world_size)
     logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING,
@@ -64,6 +64,12 @@ def setup(cfg: OfflineConfig) -> Context:
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return d, run_dir
+
+
+def setup(cfg: OfflineConfig) -> Context:
+    """start_run, then the tokenizer."""
+    d, run_dir = start_run(cfg)
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank (e.g. a new scalar head)
     return Context(cfg=cfg, d=d, run_dir=run_dir, tokenizer=load_tokenizer(cfg.model))
 
@@ -72,9 +78,7 @@ def load_items(ctx: Context, tokenize: Callable) -> tuple[list, list]:
     """Training and held-out items: rows loaded, validated and tokenised by `tokenize` (data.tokenize_*)."""
     cfg = ctx.cfg
     progress = ctx.d.is_main and cfg.run.progress
-    rows = load_rows(cfg.data.path, cfg.data.split)
-    if cfg.data.max_rows is not None:
-        rows = rows.select(range(min(cfg.data.max_rows, len(rows))))
+    rows = load_data_rows(cfg.data)
     name = f"{cfg.data.path}[{cfg.data.split}]"
     items, _ = tokenize(rows, ctx.tokenizer, cfg.data, name=name, progress=progress)
     held_out = None
@@ -155,7 +159,7 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
     scheduler = cosine_schedule(optimizer, total, o.warmup_ratio, o.min_lr_ratio)
 
     step = 0
-    resume = _resume_path(cfg, ctx.run_dir)
+    resume = resume_path(cfg, ctx.run_dir)
     if resume is not None:
         state = load_checkpoint(resume, {"model": (task.model, optimizer)}, d)
         if state["n_train"] != len(train_items) or state["global_batch_size"] != t.global_batch_size:
@@ -222,7 +226,8 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
         logger.close()
 
 
-def _resume_path(cfg: OfflineConfig, run_dir: Path) -> Path | None:
+def resume_path(cfg, run_dir: Path) -> Path | None:
+    """The checkpoint run.resume asks for: none, the newest of this run (auto), or a given folder."""
     if cfg.run.resume is None:
         return None
     if cfg.run.resume == "auto":

@@ -18,7 +18,6 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -26,18 +25,18 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from rto.advantages import compute_advantages
-from rto.checkpoint import checkpoint_dir, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from rto.config import ConfigError, PPOConfig, to_yaml, validate
-from rto.data import epoch_batches, load_rows, tokenize_prompts
+from rto.checkpoint import checkpoint_dir, export_hf, load_checkpoint, save_checkpoint
+from rto.config import ConfigError, PPOConfig
+from rto.data import epoch_batches, load_data_rows, tokenize_prompts
 from rto.guard import NonFiniteGuard
 from rto.losses import ppo_policy_loss, value_loss
 from rto.metrics import MetricLogger
 from rto.models import PolicyModel, ScalarModel, check_model_path, load_causal_lm, load_scalar_model, load_tokenizer
-from rto.parallel import Dist, all_reduce_sum, clip_grad_norm, freeze, init_distributed, named_collectives, shard
+from rto.parallel import Dist, all_reduce_sum, clip_grad_norm, freeze, named_collectives, shard
 from rto.rollout.engine import RolloutBatch
 from rto.rollout.hf import HFEngine
 from rto.scoring import Scored, action_values, score_rollout
-from rto.trainers.offline import cosine_schedule
+from rto.trainers.offline import cosine_schedule, resume_path, start_run
 
 log = logging.getLogger(__name__)
 
@@ -284,9 +283,7 @@ def summarise(r: dict[str, float], u: dict[str, float], seconds: dict[str, float
 
 
 def load_prompts(cfg: PPOConfig, tokenizer, d: Dist) -> list[list[int]]:
-    rows = load_rows(cfg.data.path, cfg.data.split)
-    if cfg.data.max_rows is not None:
-        rows = rows.select(range(min(cfg.data.max_rows, len(rows))))
+    rows = load_data_rows(cfg.data)
     prompts, _ = tokenize_prompts(rows, tokenizer, cfg.data, f"{cfg.data.path}[{cfg.data.split}]",
                                   progress=d.is_main and cfg.run.progress)  # fmt: skip
     if len(prompts) < cfg.rollout.prompts_per_step:
@@ -298,15 +295,7 @@ def load_prompts(cfg: PPOConfig, tokenizer, d: Dist) -> list[list[int]]:
 def main(cfg: PPOConfig, rollout_metrics: Callable[[RolloutBatch], dict[str, torch.Tensor]] | None = None) -> dict:
     """Train; `rollout_metrics` (optional) maps a rollout batch to extra per-sequence values [B], logged as
     their mean under rollout/<name> (the toy world logs the gold reward of every rollout this way)."""
-    d = init_distributed(cfg.parallel.timeout_s)
-    validate(cfg, d.world_size)
-    logging.basicConfig(
-        level=logging.INFO if d.is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
-    )
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    d, run_dir = start_run(cfg)
     tokenizer = load_tokenizer(cfg.actor)
     if cfg.dpo is not None and cfg.algo != "ppo":
         check_same_tokenizer(tokenizer, cfg.dpo, "dpo")
@@ -333,9 +322,7 @@ def main(cfg: PPOConfig, rollout_metrics: Callable[[RolloutBatch], dict[str, tor
 
     start = 0
     torch.manual_seed(t.seed + 1000 * d.rank)  # per-rank sampling streams (a resume restores the saved ones)
-    resume = (
-        latest_checkpoint(run_dir) if cfg.run.resume == "auto" else (Path(cfg.run.resume) if cfg.run.resume else None)
-    )
+    resume = resume_path(cfg, run_dir)
     if resume is not None:
         state = load_checkpoint(resume, trainables, d)
         if state["n_prompts"] != len(prompts):
