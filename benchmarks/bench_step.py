@@ -6,6 +6,8 @@ Run:  python benchmarks/bench_step.py --shape tiny             (CPU; --quick for
 Both variants run the same rollout (same prompts, same seed) through the trainer's own functions
 (`score_rollout`, `compute_advantages`, `ppo_update`) on a one-rank FSDP2 group; they differ where peer
 trainers differ:
+- generation: ours the built-in decode loop (head on the last position only, one-draw-per-row sampling);
+  peer: Hugging Face `generate` keeping every step's logits (`output_logits`), log_softmax + gather after;
 - log-probs: ours through `rto_kernels.linear_logprobs` on response positions only; peer: the full [B, T, V]
   logits, fp32 log_softmax and gather, for actor, reference and DPO model, in scoring and in the update;
 - advantages: ours one `rto_kernels.rto_advantages` pass (the Triton kernel on GPU; the reference on CPU, so
@@ -103,6 +105,34 @@ def peer_policy_class():
     return PeerPolicyModel
 
 
+def peer_engine_class():
+    from rto.rollout.hf import HFEngine
+
+    class PeerEngine(HFEngine):
+        """Generation the way peer trainers' Hugging Face path does it: `generate` with its own sampling
+        (`multinomial` over the softmax), every step's [B, V] logits kept and stacked to [B, L, V], then
+        log_softmax + gather for the sampled tokens' log-probs."""
+
+        def _generate_chunk(self, prompts):
+            c = self.cfg
+            P = max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long, device=self.device)
+            attn = torch.zeros_like(ids)
+            for b, p in enumerate(prompts):
+                ids[b, P - len(p) :] = torch.tensor(p, device=self.device)
+                attn[b, P - len(p) :] = 1
+            out = self.lm.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=c.temperature,
+                                   top_p=c.top_p, top_k=c.top_k or None, max_new_tokens=c.max_new_tokens,
+                                   eos_token_id=self.eos_id, pad_token_id=self.pad_id, return_dict_in_generate=True,
+                                   output_logits=True)  # fmt: skip
+            new = out.sequences[:, P:]  # [B, L]
+            logits = torch.stack(out.logits, dim=1).float() / c.temperature  # [B, L, V]
+            logp = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
+            return new.tolist(), logp.tolist()
+
+    return PeerEngine
+
+
 def peer_advantages(s, mask, cfg):
     from rto.advantages import whiten
     from rto_kernels import reference
@@ -135,7 +165,17 @@ def bucketed_sync(lm, engine_copy) -> None:
 # ---- one variant, in this process ----
 
 
-def run_variant(variant: str, shape: str, steps: int, batch: int, prompt_len: int, new_tokens: int, profile: bool):
+def run_variant(
+    variant: str,
+    shape: str,
+    steps: int,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    profile: bool,
+    out: Path = RESULTS,
+    decode: str = "dynamic",
+):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
 
     from rto import advantages
@@ -156,7 +196,9 @@ def run_variant(variant: str, shape: str, steps: int, batch: int, prompt_len: in
                                                f"rollout.prompts_per_step={batch}", f"rollout.micro_batch_size={batch}",
                                                f"train.train_batch_size={batch}",
                                                f"train.micro_batch_size={min(batch, 8)}",
-                                               "actor_optim.warmup_ratio=0"])  # fmt: skip
+                                               "actor_optim.warmup_ratio=0",
+                                               f"rollout.kv_cache={'dynamic' if decode == 'dynamic' else 'static'}",
+                                               f"rollout.compile_decode={decode == 'compiled'}"])  # fmt: skip
     policy_cls = peer_policy_class() if variant == "peer" else PolicyModel
 
     def causal(seed):
@@ -182,7 +224,8 @@ def run_variant(variant: str, shape: str, steps: int, batch: int, prompt_len: in
         eos_token_id = config.vocab_size - 1
         pad_token_id = 0
 
-    engine = HFEngine(actor, actor_lm, Tok(), cfg.rollout, d.device)
+    engine_cls = peer_engine_class() if variant == "peer" else HFEngine
+    engine = engine_cls(actor, actor_lm, Tok(), cfg.rollout, d.device)
     opt = []
     for name, model, o in (("actor", actor, cfg.actor_optim), ("critic", critic, cfg.critic_optim)):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr)
@@ -201,7 +244,8 @@ def run_variant(variant: str, shape: str, steps: int, batch: int, prompt_len: in
     def phase(name, fn):
         mem.start()
         t0 = time.perf_counter()
-        out = fn()
+        with torch.profiler.record_function(f"phase/{name}"):
+            out = fn()
         if d.device.type == "cuda":
             torch.cuda.synchronize()
         times[name].append(time.perf_counter() - t0)
@@ -210,9 +254,11 @@ def run_variant(variant: str, shape: str, steps: int, batch: int, prompt_len: in
 
     prof = None
     for step in range(steps + 1):  # step 0 warms up (lazy init, allocator, kernels)
-        if profile and step == steps and d.device.type == "cuda":
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                      torch.profiler.ProfilerActivity.CUDA])  # fmt: skip
+        if profile and step == steps:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if d.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            prof = torch.profiler.profile(activities=activities)
             prof.__enter__()
         torch.manual_seed(100 + step)
         b = phase("generate", lambda: engine.generate(prompts))
@@ -230,12 +276,17 @@ def run_variant(variant: str, shape: str, steps: int, batch: int, prompt_len: in
             tokens["trained"] += int(b.attention_mask.sum())
     if prof is not None:
         prof.__exit__(None, None, None)
-        prof.export_chrome_trace(str(RESULTS / f"trace_{variant}_{shape}.json"))
+        prof.export_chrome_trace(str(out / f"trace_{variant}_{shape}.json"))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
     # matmul parameters: the input embedding is a lookup, not a matmul, so it does not count toward FLOPs
     params = sum(p.numel() for n, p in actor_lm.named_parameters() if "embed_tokens" not in n)
     critic_params = sum(p.numel() for n, p in critic_hf.named_parameters() if "embed_tokens" not in n)
+    # what one decode step must read at least: every matmul weight once, and the KV cache of each row
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv_bytes_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * dtype.itemsize
     return {"times": {p: statistics.median(v) for p, v in times.items()}, "peak_mib": peaks, "tokens": tokens,
-            "steps": steps, "actor_params": params, "critic_params": critic_params}  # fmt: skip
+            "steps": steps, "actor_params": params, "critic_params": critic_params, "decode": decode,
+            "decode_weight_bytes": params * dtype.itemsize, "kv_bytes_per_token": kv_bytes_per_token}  # fmt: skip
 
 
 def _sync_full(sync, actor, actor_lm, engine_copy):
@@ -247,6 +298,24 @@ def _sync_full(sync, actor, actor_lm, engine_copy):
 
 
 # ---- driver ----
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device memory bandwidth (GB/s) of a large copy (bytes read + bytes written)."""
+    n = 2**28 if device.type == "cuda" else 2**25  # 1 GiB / 128 MiB of fp32
+    a = torch.ones(n, device=device)
+    b = torch.empty_like(a)
+    for _ in range(2):
+        b.copy_(a)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        b.copy_(a)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * a.nbytes * reps / (time.perf_counter() - t0) / 1e9
 
 
 def matmul_rate(device: torch.device) -> float:
@@ -275,15 +344,28 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="prompts per step")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--profile", action="store_true", help="write a torch.profiler trace of one step (GPU)")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile the last measured step: a chrome trace per variant in --out, a table on stderr",
+    )
+    parser.add_argument(
+        "--decode",
+        choices=("auto", "dynamic", "static", "compiled"),
+        default="auto",
+        help="our engine's decode: KV cache kind, compiled step (auto: compiled on CUDA, else dynamic)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--variant", choices=("ours", "peer"), help=argparse.SUPPRESS)  # internal: one variant
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.prompt_len, args.new_tokens = 1, 8, 16, 16
+    if args.decode == "auto":
+        args.decode = "compiled" if torch.cuda.is_available() else "dynamic"
     if args.variant:
+        decode = "dynamic" if args.variant == "peer" else args.decode  # the peer engine is HF generate
         result = run_variant(args.variant, args.shape, args.steps, args.batch, args.prompt_len, args.new_tokens,
-                             args.profile)  # fmt: skip
+                             args.profile, args.out, decode)  # fmt: skip
         print("RESULT " + json.dumps(result))
         return 0
 
@@ -291,7 +373,7 @@ def main(argv=None) -> int:
     for variant in ("ours", "peer"):
         cmd = [sys.executable, __file__, "--variant", variant, "--shape", args.shape, "--steps", str(args.steps),
                "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               *(["--profile"] if args.profile else [])]  # fmt: skip
+               "--out", str(args.out), "--decode", args.decode, *(["--profile"] if args.profile else [])]  # fmt: skip
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         result = _child(cmd, env)
         if not torch.cuda.is_available():
@@ -302,6 +384,7 @@ def main(argv=None) -> int:
         runs[variant] = result
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rate = matmul_rate(device)
+    bandwidth = copy_bandwidth(device)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"cpu-{os.cpu_count()}cores"
     for r in runs.values():
         total = sum(r["times"].values())
@@ -312,7 +395,12 @@ def main(argv=None) -> int:
         r["train_tokens_per_s"] = per_step_trained / r["times"]["update"]
         flops = 6 * (r["actor_params"] + r["critic_params"]) * per_step_trained  # fwd + bwd of actor and critic
         r["update_mfu"] = flops / r["times"]["update"] / (rate * 1e12)
-    write(runs, args, device_name, rate)
+        # decode bound: each step reads the weights once and each row's KV cache (mean context over the steps)
+        context = args.prompt_len + args.new_tokens / 2
+        step_bytes = r["decode_weight_bytes"] + args.batch * context * r["kv_bytes_per_token"]
+        r["decode_bound_tokens_per_s"] = args.batch * bandwidth * 1e9 / step_bytes
+        r["decode_vs_bound"] = r["generate_tokens_per_s"] / r["decode_bound_tokens_per_s"]
+    write(runs, args, device_name, rate, bandwidth)
     return 0
 
 
@@ -323,17 +411,32 @@ def _child(cmd: list[str], env: dict) -> dict:
     return json.loads(proc.stdout.split("RESULT ", 1)[1])
 
 
-def write(runs: dict, args, device_name: str, rate: float) -> None:
+def _without_out(argv: list[str]) -> list[str]:
+    """The command-line arguments less --out and its value (the results folder is not part of the recipe)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a.startswith("--out="):
+            skip = False
+            continue
+        if a == "--out":
+            skip = True
+            continue
+        kept.append(a)
+    return kept
+
+
+def write(runs: dict, args, device_name: str, rate: float, bandwidth: float) -> None:
     ours, peer = runs["ours"], runs["peer"]
     date = dt.date.today().isoformat()
     slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
     stem = args.out / f"step_{args.shape}_{slug}_{date}{'_quick' if args.quick else ''}"
     args.out.mkdir(parents=True, exist_ok=True)
-    command = "python benchmarks/bench_step.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--out"))
+    command = "python benchmarks/bench_step.py " + " ".join(_without_out(sys.argv[1:]))
     lines = [f"# Step benchmark: shape {args.shape}, {device_name}, {date}", "", f"Command: `{command.strip()}`", "",
              f"{args.batch} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.steps} measured "
-             f"steps after one warm-up; measured matmul rate {rate:.2f} TFLOP/s. Times are medians over steps; peak "
-             "memory is above each phase's start.", "",
+             f"steps after one warm-up; measured matmul rate {rate:.2f} TFLOP/s, copy bandwidth {bandwidth:.0f} GB/s. "
+             f"Our engine's decode: {ours['decode']}. Times are medians over steps; peak memory is above each phase's "
+             "start.", "",
              "| phase | ours s | peer-style s | time ratio (ours/peer) | ours peak MiB | peer peak MiB "
              "| memory ratio |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in PHASES:
@@ -345,12 +448,14 @@ def write(runs: dict, args, device_name: str, rate: float) -> None:
                  "| | | |")  # fmt: skip
     lines += ["", "| | ours | peer-style |", "|---|---|---|"]
     for key, label in (("generate_tokens_per_s", "generation tokens/s"), ("train_tokens_per_s", "training tokens/s"),
-                       ("update_mfu", "update-phase MFU")):  # fmt: skip
-        fmt = "{:.1%}" if key == "update_mfu" else "{:,.0f}"
+                       ("update_mfu", "update-phase MFU"), ("decode_bound_tokens_per_s", "decode bandwidth bound "
+                       "tokens/s"), ("decode_vs_bound", "generation / bound")):  # fmt: skip
+        fmt = "{:.1%}" if key in ("update_mfu", "decode_vs_bound") else "{:,.0f}"
         lines.append(f"| {label} | {fmt.format(ours[key])} | {fmt.format(peer[key])} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    stem.with_suffix(".json").write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "device": device_name,
-                                                     "matmul_tflops": rate, "runs": runs}, indent=1))  # fmt: skip
+    meta = {"args": vars(args) | {"out": str(args.out)}, "device": device_name, "matmul_tflops": rate,
+            "copy_gb_per_s": bandwidth}  # fmt: skip
+    stem.with_suffix(".json").write_text(json.dumps(meta | {"runs": runs}, indent=1))
     print("\n".join(lines))
     print(f"wrote {stem}.md and .json", file=sys.stderr)
 

@@ -1,7 +1,9 @@
 """rto_kernels: fused per-token math for RLHF (log-probs, token rewards + KL, GAE).
 
 Each op runs its Triton kernel on CUDA tensors and, under `TRITON_INTERPRET=1`, on CPU tensors; anywhere
-else it runs the PyTorch reference in `rto_kernels.reference`, which has the same signature. Contracts
+else it runs the PyTorch reference in `rto_kernels.reference`, which has the same signature, except
+`linear_logprobs`, which runs `rto_kernels.chunked` there (row chunks with recompute, so that the CPU trainer
+never holds [N, V] logits either; the reference stays the oracle). Contracts
 and mask semantics: DESIGN.md ("Kernel contracts").
 """
 
@@ -10,12 +12,13 @@ from __future__ import annotations
 import torch
 
 from rto_kernels import advantages as _advantages  # noqa: F401  (registers the rto:: ops)
+from rto_kernels import chunked, reference
 from rto_kernels import logprobs as _logprobs  # noqa: F401  (registers the rto:: ops)
-from rto_kernels import reference
 from rto_kernels._checks import check_advantage_inputs, check_gae_inputs, check_linear_inputs, check_logprob_inputs
 from rto_kernels._runtime import interpreting, use_triton
 
 __all__ = [
+    "chunked",
     "gae",
     "interpreting",
     "linear_logprobs",
@@ -43,9 +46,7 @@ def linear_logprobs(
     path and an index error on the reference.
     """
     if not use_triton(hidden):
-        return reference.linear_logprobs(
-            hidden, weight, targets, temperature=temperature, return_entropy=return_entropy
-        )
+        return chunked.linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=return_entropy)
     check_linear_inputs(hidden, weight, targets, temperature)
     logp, entropy, _ = torch.ops.rto.linear_logprobs(hidden, weight, targets, float(temperature), bool(return_entropy))
     return (logp, entropy) if return_entropy else logp

@@ -151,6 +151,9 @@ class RolloutConfig:
     top_p: float = doc(1.0, "nucleus sampling (1: off)")
     top_k: int = doc(0, "top-k sampling (0: off)")
     micro_batch_size: int = doc(32, "prompts per generate call on one rank")
+    kv_cache: str = doc("dynamic", "built-in engine KV cache: dynamic (grows per step) or static (preallocated)")
+    compile_decode: bool = doc(False, "built-in engine: torch.compile the decode step (needs kv_cache=static; "
+                               "CUDA graphs on GPU)")
     vllm_gpu_memory_utilization: float = doc(0.4, "share of GPU memory vLLM may take (colocated with training)")
     vllm_bucket_mb: int = doc(512, "size of the buckets weights are streamed to vLLM in (MiB)")
 
@@ -378,6 +381,10 @@ def validate_ppo(cfg: PPOConfig, world_size: int) -> None:
     _one_of("algo", cfg.algo, ALGOS)
     _one_of("estimator", cfg.estimator, ("gae", "reinforce++"))
     _one_of("rollout.engine", r.engine, ("hf", "vllm"))
+    _one_of("rollout.kv_cache", r.kv_cache, ("dynamic", "static"))
+    if r.compile_decode and r.kv_cache != "static":
+        raise ConfigError("rollout.compile_decode=true needs rollout.kv_cache=static (a growing cache would "
+                          "recompile the decode step at every length)")  # fmt: skip
     _one_of("rewards.kl_estimator", w.kl_estimator, ("k1", "k2", "k3"))
     _one_of("actor.dtype", cfg.actor.dtype, ("float32", "bfloat16"))
     _one_of("data.overlong", cfg.data.overlong, ("error", "truncate", "drop"))

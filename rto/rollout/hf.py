@@ -1,9 +1,11 @@
-"""The built-in rollout engine: the FSDP2 actor itself generates with Hugging Face `generate`.
+"""The built-in rollout engine: the FSDP2 actor itself decodes, with a KV cache and its own sampling loop.
 
 For the generation phase every FSDP2 unit of the actor is gathered once and kept whole (no per-token
-all-gathers), then resharded for training. Sampling follows the rollout settings (temperature, top-p, top-k,
-max new tokens, stop at EOS); the engine's log-prob of each sampled token is taken from the raw logits at the
-rollout temperature. Weight sync is free: the engine is the actor.
+all-gathers), then resharded for training. Each step runs the decoder on the new token, the LM head on the last
+position only ([B, V] logits: nothing of size [B, L, V] is kept), and samples with `rollout.sampling.sample`
+(temperature, top-k, top-p; one random number per row); the engine's log-prob of each sampled token is taken
+from the full softmax at the rollout temperature. Sampling stops at EOS or at max new tokens. Weight sync is
+free: the engine is the actor.
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+from transformers import DynamicCache, StaticCache
 
 from rto.config import RolloutConfig
 from rto.rollout.engine import RolloutBatch, assemble
+from rto.rollout.sampling import sample
+
+_STOP_EVERY = 8  # decode steps between checks that every row has ended (each check is a host sync on GPU)
 
 
 @contextmanager
@@ -40,6 +46,7 @@ class HFEngine:
         self.actor, self.lm, self.cfg, self.device = actor, lm, cfg, device
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         self._initialised = False
+        self._compiled = None
 
     def sync_weights(self) -> None:
         """Nothing to do: the engine generates with the actor's own parameters."""
@@ -70,19 +77,60 @@ class HFEngine:
                         max_new_tokens=c.max_new_tokens, device=self.device)  # fmt: skip
 
     def _generate_chunk(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+        """Decode one micro-batch: prefill the left-padded prompts, then one token per step from the last
+        hidden state. The head runs on one position per row ([B, V] logits, never [B, L, V]); the loop does
+        not sync with the host except to stop early once every row has ended (checked every `_STOP_EVERY`
+        steps). With `kv_cache=static` the cache and the attention mask are preallocated at full length, so
+        every decode step has the same shapes (what `compile_decode` and CUDA graphs need)."""
         c = self.cfg
-        P = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long, device=self.device)
-        attn = torch.zeros_like(ids)
+        B, P = len(prompts), max(len(p) for p in prompts)
+        L = P + c.max_new_tokens
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long, device=self.device)
+        attn = torch.zeros((B, L), dtype=torch.long, device=self.device)
         for b, p in enumerate(prompts):  # left padding for batched decoding
             ids[b, P - len(p) :] = torch.tensor(p, device=self.device)
-            attn[b, P - len(p) :] = 1
-        out = self.lm.generate(
-            input_ids=ids, attention_mask=attn, do_sample=True, temperature=c.temperature, top_p=c.top_p,
-            top_k=c.top_k or None, max_new_tokens=c.max_new_tokens, eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id, return_dict_in_generate=True, output_logits=True,
-        )  # fmt: skip
-        new = out.sequences[:, P:]  # [B, L]
-        logits = torch.stack(out.logits, dim=1).float() / c.temperature  # [B, L, V]
-        logp = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)  # [B, L]
-        return new.tolist(), logp.tolist()
+            attn[b, P - len(p) : P] = 1
+        positions = (attn[:, :P].cumsum(-1) - 1).clamp_(min=0)  # pads take position 0; they are masked anyway
+        static = c.kv_cache == "static"
+        if static:
+            cache = StaticCache(config=self.lm.config, max_cache_len=L)
+        else:
+            cache = DynamicCache(config=self.lm.config)
+        tokens = torch.full((B, c.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
+        logps = torch.zeros((B, c.max_new_tokens), dtype=torch.float32, device=self.device)
+        ended = torch.zeros(B, dtype=torch.bool, device=self.device)
+        # prefill (never compiled: its shape changes with every micro-batch's prompt length)
+        logits = self._logits(ids, positions, attn if static else attn[:, :P], cache,
+                              torch.arange(P, device=self.device))  # fmt: skip
+        step_fn = self._compiled_step() if c.compile_decode else self._logits
+        pos = positions[:, -1:]
+        for t in range(c.max_new_tokens):
+            tok, lp = sample(logits, top_k=c.top_k, top_p=c.top_p)
+            tokens[:, t] = torch.where(ended, self.pad_id, tok)
+            logps[:, t] = torch.where(ended, 0.0, lp)
+            ended |= tok == self.eos_id
+            if t + 1 == c.max_new_tokens or ((t + 1) % _STOP_EVERY == 0 and bool(ended.all())):
+                break
+            attn[:, P + t] = 1
+            pos = pos + 1
+            cache_position = torch.full((1,), P + t, dtype=torch.long, device=self.device)
+            logits = step_fn(tok[:, None], pos, attn if static else attn[:, : P + t + 1], cache, cache_position)
+        new, lps = tokens.tolist(), logps.tolist()
+        for b in range(B):  # a row that ended keeps its tokens up to EOS (assemble cuts there)
+            if self.eos_id in new[b]:
+                end = new[b].index(self.eos_id) + 1
+                new[b], lps[b] = new[b][:end], lps[b][:end]
+        return new, lps
+
+    def _logits(self, ids, positions, attn, cache, cache_position) -> torch.Tensor:
+        """fp32 logits [B, V] at the last position, at the rollout temperature."""
+        h = self.lm.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
+                                  cache_position=cache_position, use_cache=True).last_hidden_state[:, -1]  # fmt: skip
+        logits = (h @ self.lm.get_output_embeddings().weight.T).float()
+        return logits if self.cfg.temperature == 1.0 else logits / self.cfg.temperature
+
+    def _compiled_step(self):
+        if self._compiled is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on GPU
+            self._compiled = torch.compile(self._logits, mode=mode, dynamic=False)
+        return self._compiled
