@@ -175,6 +175,8 @@ def run_variant(
     profile: bool,
     out: Path = RESULTS,
     decode: str = "dynamic",
+    packing: bool = False,
+    ragged: bool = False,
 ):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
 
@@ -198,7 +200,8 @@ def run_variant(
                                                f"train.micro_batch_size={min(batch, 8)}",
                                                "actor_optim.warmup_ratio=0",
                                                f"rollout.kv_cache={'dynamic' if decode == 'dynamic' else 'static'}",
-                                               f"rollout.compile_decode={decode == 'compiled'}"])  # fmt: skip
+                                               f"rollout.compile_decode={decode == 'compiled'}",
+                                               f"train.packing={packing}"])  # fmt: skip
     policy_cls = peer_policy_class() if variant == "peer" else PolicyModel
 
     def causal(seed):
@@ -233,7 +236,10 @@ def run_variant(
             (name, optimizer, ppo.Sched(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), 1.0), model)
         )
     gen = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, config.vocab_size - 1, (prompt_len,), generator=gen).tolist() for _ in range(batch)]
+    # ragged: prompt lengths uniform in [prompt_len / 4, 7 prompt_len / 4] (the same mean), as real prompts vary
+    lengths = (torch.randint(max(1, prompt_len // 4), prompt_len * 7 // 4 + 1, (batch,), generator=gen).tolist()
+               if ragged else [prompt_len] * batch)  # fmt: skip
+    prompts = [torch.randint(1, config.vocab_size - 1, (n,), generator=gen).tolist() for n in lengths]
     compute_adv = peer_advantages if variant == "peer" else advantages.compute_advantages
     sync = per_parameter_sync if variant == "peer" else bucketed_sync
     mem = PhaseMemory(d.device)
@@ -264,7 +270,8 @@ def run_variant(
         b = phase("generate", lambda: engine.generate(prompts))
         s = phase("score", lambda b=b: score_rollout(b, actor=actor, ref=ref, dpo=dpo_model, critic=critic,
                                                      reward_model=reward, rewards=cfg.rewards, temperature=1.0,
-                                                     micro_batch_size=cfg.train.micro_batch_size))  # fmt: skip
+                                                     micro_batch_size=cfg.train.micro_batch_size,
+                                                     packing=cfg.train.packing))  # fmt: skip
         r = phase("advantages", lambda b=b, s=s: compute_adv(s, b.response_mask, cfg))
         phase("update", lambda b=b, s=s, r=r, k=step: ppo.ppo_update(b, s, r[1], r[2], models, opt, cfg, d, k))
         phase("sync", lambda: _sync_full(sync, actor, actor_lm, engine_copy))
@@ -355,6 +362,8 @@ def main(argv=None) -> int:
         default="auto",
         help="our engine's decode: KV cache kind, compiled step (auto: compiled on CUDA, else dynamic)",
     )
+    parser.add_argument("--ragged", action="store_true", help="prompt lengths vary (uniform, same mean length)")
+    parser.add_argument("--packing", action="store_true", help="our scoring and update run padding-free")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--variant", choices=("ours", "peer"), help=argparse.SUPPRESS)  # internal: one variant
     args = parser.parse_args(argv)
@@ -364,8 +373,9 @@ def main(argv=None) -> int:
         args.decode = "compiled" if torch.cuda.is_available() else "dynamic"
     if args.variant:
         decode = "dynamic" if args.variant == "peer" else args.decode  # the peer engine is HF generate
+        packing = args.packing and args.variant == "ours"  # peer-style batches stay padded
         result = run_variant(args.variant, args.shape, args.steps, args.batch, args.prompt_len, args.new_tokens,
-                             args.profile, args.out, decode)  # fmt: skip
+                             args.profile, args.out, decode, packing, args.ragged)  # fmt: skip
         print("RESULT " + json.dumps(result))
         return 0
 
@@ -373,7 +383,8 @@ def main(argv=None) -> int:
     for variant in ("ours", "peer"):
         cmd = [sys.executable, __file__, "--variant", variant, "--shape", args.shape, "--steps", str(args.steps),
                "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--out", str(args.out), "--decode", args.decode, *(["--profile"] if args.profile else [])]  # fmt: skip
+               "--out", str(args.out), "--decode", args.decode, *(["--profile"] if args.profile else []),
+               *(["--ragged"] if args.ragged else []), *(["--packing"] if args.packing else [])]  # fmt: skip
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         result = _child(cmd, env)
         if not torch.cuda.is_available():
@@ -429,14 +440,17 @@ def write(runs: dict, args, device_name: str, rate: float, bandwidth: float) -> 
     ours, peer = runs["ours"], runs["peer"]
     date = dt.date.today().isoformat()
     slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
-    stem = args.out / f"step_{args.shape}_{slug}_{date}{'_quick' if args.quick else ''}"
+    tags = "".join(f"_{t}" for t in ("ragged", "packing", "quick") if getattr(args, t))
+    stem = args.out / f"step_{args.shape}_{slug}_{date}{tags}"
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_step.py " + " ".join(_without_out(sys.argv[1:]))
     lines = [f"# Step benchmark: shape {args.shape}, {device_name}, {date}", "", f"Command: `{command.strip()}`", "",
-             f"{args.batch} prompts x {args.prompt_len} tokens, {args.new_tokens} new tokens, {args.steps} measured "
+             f"{args.batch} prompts x {args.prompt_len} tokens{' on average (ragged)' if args.ragged else ''}, "
+             f"{args.new_tokens} new tokens, {args.steps} measured "
              f"steps after one warm-up; measured matmul rate {rate:.2f} TFLOP/s, copy bandwidth {bandwidth:.0f} GB/s. "
-             f"Our engine's decode: {ours['decode']}. Times are medians over steps; peak memory is above each phase's "
-             "start.", "",
+             f"Our engine's decode: {ours['decode']}; our scoring and update: "
+             f"{'padding-free' if args.packing else 'padded'}. Times are medians over steps; peak memory is above "
+             "each phase's start.", "",
              "| phase | ours s | peer-style s | time ratio (ours/peer) | ours peak MiB | peer peak MiB "
              "| memory ratio |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in PHASES:

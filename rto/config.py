@@ -55,7 +55,11 @@ class DataConfig:
     max_prompt_length: int = doc(512, "most prompt tokens; longer prompts follow `overlong`")
     overlong: str = doc("error", "prompts over max_prompt_length: error, truncate (keep the end) or drop")
     bad_rows: str = doc("error", "malformed rows: error (naming row and field) or skip (counted and logged)")
-    packing: bool = doc(False, "padding-free batches (needs attn_implementation=flash_attention_2)")
+    packing: bool = doc(
+        False,
+        "padding-free batches (varlen attention with flash_attention_2; sdpa/eager get a "
+        "block-diagonal causal mask, [tokens, tokens] per micro-batch)",
+    )
     max_rows: int | None = doc(None, "use only the first max_rows rows of the training set")
 
 
@@ -152,8 +156,9 @@ class RolloutConfig:
     top_k: int = doc(0, "top-k sampling (0: off)")
     micro_batch_size: int = doc(32, "prompts per generate call on one rank")
     kv_cache: str = doc("dynamic", "built-in engine KV cache: dynamic (grows per step) or static (preallocated)")
-    compile_decode: bool = doc(False, "built-in engine: torch.compile the decode step (needs kv_cache=static; "
-                               "CUDA graphs on GPU)")
+    compile_decode: bool = doc(
+        False, "built-in engine: torch.compile the decode step (needs kv_cache=static; CUDA graphs on GPU)"
+    )
     vllm_gpu_memory_utilization: float = doc(0.4, "share of GPU memory vLLM may take (colocated with training)")
     vllm_bucket_mb: int = doc(512, "size of the buckets weights are streamed to vLLM in (MiB)")
 
@@ -178,6 +183,11 @@ class PPOTrainConfig:
     train_batch_size: int = doc(128, "sequences per optimizer step, over all ranks")
     micro_batch_size: int = doc(8, "sequences per forward on one rank (scoring and update)")
     micro_token_budget: int | None = doc(None, "cap on tokens per micro-batch (cuts micro-batches further)")
+    packing: bool = doc(
+        False,
+        "padding-free forwards in scoring and update (sequences end to end; varlen "
+        "attention with flash_attention_2, a block-diagonal mask with sdpa/eager)",
+    )
     clip_eps: float = doc(0.2, "PPO ratio clip")
     value_clip: float = doc(0.2, "value clip around the rollout's values")
     entropy_coef: float = doc(0.0, "entropy bonus weight (0: off)")
@@ -349,9 +359,6 @@ def validate(cfg: Any, world_size: int = 1) -> None:
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
     if not 0 <= o.warmup_ratio < 1 or not 0 <= o.min_lr_ratio <= 1:
         raise ConfigError("optim.warmup_ratio must be in [0, 1) and optim.min_lr_ratio in [0, 1]")
-    if d.packing and cfg.model.attn_implementation != "flash_attention_2":
-        raise ConfigError("data.packing=true needs model.attn_implementation=flash_attention_2 (padding-free "
-                          "attention); on other backends leave packing off")  # fmt: skip
     if isinstance(cfg, DPOConfig):
         _one_of("loss", cfg.loss, DPO_LOSSES)
         if cfg.beta <= 0:

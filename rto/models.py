@@ -99,7 +99,9 @@ class PolicyModel(nn.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
         """Final hidden states [B, T, H] (after the last norm)."""
-        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        # no KV cache: with one, HF would also skip reading packed sequences' boundaries from the position ids
+        out = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    use_cache=False)  # fmt: skip
         return out.last_hidden_state
 
     def forward(
@@ -158,7 +160,8 @@ class ScalarModel(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False)  # fmt: skip
         return out.logits.squeeze(-1).float()  # [B, T]
 
 

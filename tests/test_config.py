@@ -59,7 +59,6 @@ def test_paper_settings_in_the_llama_recipes():
         (["data.max_prompt_length=2000", "data.max_length=1024"], "no room is left for the response"),
         (["optim.lr=0"], "optim.lr must be > 0"),
         (["data.overlong=cut"], "data.overlong must be one of error, truncate, drop"),
-        (["data.packing=true"], "needs model.attn_implementation=flash_attention_2"),
         (["optim.betas=[0.9]"], "optim.betas must be two numbers"),
         (["beta"], "overrides must look like key=value"),
     ],

@@ -52,6 +52,26 @@ def test_model_paths_are_checked_before_loading():
     check_model_path("meta-llama/Meta-Llama-3-8B")  # a hub id is left to the hub client
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_batches_match_padded_on_cpu(attn):
+    """Padding-free batches: HF reads the sequence boundaries from the restarting position ids (no KV cache) and
+    masks attention block-diagonally, so packed and padded forwards agree."""
+    lm = tiny_causal_lm(len(TOK), seed=1)
+    lm.config._attn_implementation = attn
+    b = _batch()
+    items = [Example(ids[m].tolist(), lm_[m].tolist()) for ids, lm_, m in zip(b["input_ids"], b["loss_mask"],
+             b["attention_mask"].bool())]  # fmt: skip
+    assert len({len(e.input_ids) for e in items}) > 1  # ragged: the padded batch has padding
+    padded, packed = collate(items, TOK.pad_token_id), collate_packed(items)
+    model = PolicyModel(lm)
+    a = model(padded["input_ids"], padded["attention_mask"], loss_mask=padded["loss_mask"])["logp"]
+    p = model(packed["input_ids"], None, packed["position_ids"], loss_mask=packed["loss_mask"])["logp"]
+    torch.testing.assert_close(a[padded["loss_mask"]], p[packed["loss_mask"]], rtol=0, atol=1e-5)
+    ga = torch.autograd.grad(a.sum(), lm.model.layers[0].self_attn.q_proj.weight)[0]
+    gp = torch.autograd.grad(p.sum(), lm.model.layers[0].self_attn.q_proj.weight)[0]
+    torch.testing.assert_close(ga, gp, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_packed_batches_match_padded_with_flash_attention():

@@ -236,3 +236,18 @@ def test_vllm_engine_parity_after_sync(rl, tmp_path):
         trainer_logp = policy_logp(models.actor, batch, c.rollout.temperature)
     compare = batch.response_mask & ~batch.truncated[:, None]
     torch.testing.assert_close(batch.rollout_logp[compare], trainer_logp[compare], rtol=0, atol=2e-2)
+
+
+def test_packed_scoring_and_update_match_padded(rl, tmp_path):
+    """train.packing: the same rollout (same seed) scored and trained padding-free gives the padded run's numbers."""
+    rows = {}
+    for packing in (False, True):
+        ppo.main(cfg(rl, tmp_path, f"p{packing}", "train.steps=2", f"train.packing={packing}"))
+        rows[packing] = metrics(tmp_path / f"p{packing}")
+    assert rows[True][0]["rollout/response_length"] == rows[False][0]["rollout/response_length"]
+    for step in range(2):
+        padded, packed = rows[False][step], rows[True][step]
+        for key in padded:
+            if key == "time" or key.startswith(("time/", "throughput/")):  # clocks, not results
+                continue
+            assert packed[key] == pytest.approx(padded[key], rel=1e-3, abs=1e-5), (step, key)

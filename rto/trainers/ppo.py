@@ -35,7 +35,7 @@ from rto.models import PolicyModel, ScalarModel, check_model_path, load_causal_l
 from rto.parallel import Dist, all_reduce_sum, clip_grad_norm, freeze, named_collectives, shard
 from rto.rollout.engine import RolloutBatch
 from rto.rollout.hf import HFEngine
-from rto.scoring import Scored, action_values, score_rollout
+from rto.scoring import Scored, action_values, policy_forward, score_rollout
 from rto.trainers.offline import cosine_schedule, resume_path, start_run
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,8 @@ def ppo_update(batch: RolloutBatch, s: Scored, adv: torch.Tensor, returns: torch
                     return x[rows][:, :T]
 
                 models.actor.set_requires_gradient_sync(last)
-                out = models.actor(mb.input_ids, mb.attention_mask, loss_mask=mask,
-                                   temperature=cfg.rollout.temperature, return_entropy=t.entropy_coef > 0)  # fmt: skip
+                out = policy_forward(models.actor, mb, cfg.rollout.temperature, t.packing,
+                                     return_entropy=t.entropy_coef > 0)  # fmt: skip
                 pg, stats = ppo_policy_loss(out["logp"], cut(s.logp_old), cut(adv), mask, t.clip_eps)
                 loss = pg
                 if t.entropy_coef > 0:
@@ -191,7 +191,8 @@ def ppo_update(batch: RolloutBatch, s: Scored, adv: torch.Tensor, returns: torch
                 add("tokens", mask.sum().float())
                 if models.critic is not None:
                     models.critic.set_requires_gradient_sync(last)
-                    vf = value_loss(action_values(models.critic, mb), cut(s.values), cut(returns), mask, t.value_clip)
+                    values = action_values(models.critic, mb, t.packing)
+                    vf = value_loss(values, cut(s.values), cut(returns), mask, t.value_clip)
                     (vf * scale).backward()
                     add("vf_loss", vf)
             for name, optimizer, sched, model in opt:
@@ -353,7 +354,7 @@ def main(cfg: PPOConfig, rollout_metrics: Callable[[RolloutBatch], dict[str, tor
                 scored = score_rollout(
                     batch, actor=models.actor, ref=models.ref, dpo=models.dpo, critic=models.critic,
                     reward_model=models.reward, rewards=cfg.rewards, temperature=cfg.rollout.temperature,
-                    micro_batch_size=t.micro_batch_size,
+                    micro_batch_size=t.micro_batch_size, packing=t.packing,
                 )  # fmt: skip
             with timer("advantages"):
                 rewards, adv, returns = compute_advantages(scored, batch.response_mask, cfg)
