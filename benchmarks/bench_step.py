@@ -177,6 +177,7 @@ def run_variant(
     decode: str = "dynamic",
     packing: bool = False,
     ragged: bool = False,
+    algo: str = "rto",
 ):
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForTokenClassification
 
@@ -193,7 +194,7 @@ def run_variant(
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False,
                          pad_token_id=0, torch_dtype=dtype)  # fmt: skip
-    cfg: PPOConfig = load_config("ppo", None, ["actor.path=x", "reward=x", "dpo=x", "data.path=x",
+    cfg: PPOConfig = load_config("ppo", None, ["actor.path=x", "reward=x", "dpo=x", "data.path=x", f"algo={algo}",
                                                f"rollout.max_new_tokens={new_tokens}",
                                                f"rollout.prompts_per_step={batch}", f"rollout.micro_batch_size={batch}",
                                                f"train.train_batch_size={batch}",
@@ -217,10 +218,10 @@ def run_variant(
 
     actor_lm, actor = causal(1)
     _, ref = causal(1)
-    _, dpo_model = causal(2)
+    dpo_model = freeze(causal(2)[1]) if algo != "ppo" else None
     critic_hf, critic = scalar(3)
     _, reward = scalar(4)
-    models = ppo.Models(actor, actor_lm, freeze(ref), freeze(dpo_model), critic, critic_hf, freeze(reward))
+    models = ppo.Models(actor, actor_lm, freeze(ref), dpo_model, critic, critic_hf, freeze(reward))
     engine_copy = LlamaForCausalLM(config).to(dtype).to(d.device)  # the inference engine's weights
 
     class Tok:  # the engine needs only EOS and pad ids; EOS is never sampled on purpose (fixed-length rollouts)
@@ -362,6 +363,7 @@ def main(argv=None) -> int:
         default="auto",
         help="our engine's decode: KV cache kind, compiled step (auto: compiled on CUDA, else dynamic)",
     )
+    parser.add_argument("--algo", default="rto", help="algo setting (ppo: no DPO model)")
     parser.add_argument("--ragged", action="store_true", help="prompt lengths vary (uniform, same mean length)")
     parser.add_argument("--packing", action="store_true", help="our scoring and update run padding-free")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -375,7 +377,7 @@ def main(argv=None) -> int:
         decode = "dynamic" if args.variant == "peer" else args.decode  # the peer engine is HF generate
         packing = args.packing and args.variant == "ours"  # peer-style batches stay padded
         result = run_variant(args.variant, args.shape, args.steps, args.batch, args.prompt_len, args.new_tokens,
-                             args.profile, args.out, decode, packing, args.ragged)  # fmt: skip
+                             args.profile, args.out, decode, packing, args.ragged, args.algo)  # fmt: skip
         print("RESULT " + json.dumps(result))
         return 0
 
