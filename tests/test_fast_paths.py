@@ -18,7 +18,7 @@ from tests.conftest import SEED
 
 # ---- the chunked head ----
 
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}  # on log-probs, entropies and gradients
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2}  # x max(1, |truth|), values and gradients
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -138,9 +138,11 @@ def test_decode_loop_is_hf_greedy_decoding_at_top_k_1(gen, stop, kv_cache):
     prompts = [torch.randint(1, 60, (n,), generator=gen).tolist() for n in (3, 9, 5, 1, 7)]
     max_new = 12
     free = _hf_greedy(lm, prompts, eos=60, max_new=max_new)
-    if stop == "eos":  # a token row 1 emits mid-way: rows stop there, and the early stop is exercised
-        eos = free[1][4]
-    else:  # a token no row emits: every row runs to the cap and gets EOS forced
+    row = max(range(len(free)), key=lambda b: len(free[b]))  # (a row may have stopped early at token 60)
+    at = len(free[row]) // 2
+    if stop == "eos":  # a token the longest row emits mid-way: rows stop there, and the early stop is exercised
+        eos = free[row][at]
+    else:  # a token no row emits before 60: rows run to the cap and get EOS forced
         eos = next(t for t in range(1, 61) if all(t not in f for f in free))
     expected = _hf_greedy(lm, prompts, eos=eos, max_new=max_new)
     # two micro-batches (the second of two rows), left padding
@@ -156,7 +158,12 @@ def test_decode_loop_is_hf_greedy_decoding_at_top_k_1(gen, stop, kv_cache):
             want = want[:-1] + [eos]  # the cap forces EOS last
         assert got == want, b
         assert batch.input_ids[b, : len(p)].tolist() == p
-    assert batch.truncated.all() if stop == "cap" else batch.response_lengths[1] <= 5
+    assert batch.truncated.tolist() == [eos not in w for w in expected]
+    assert (
+        (batch.truncated.any() or all(60 in f for f in free))
+        if stop == "cap"
+        else batch.response_lengths[row] <= at + 1
+    )
     # the reported log-probs are the model's own, under the full softmax
     with torch.no_grad():
         logp = PolicyModel(lm)(batch.input_ids, batch.attention_mask, loss_mask=batch.response_mask)["logp"]
