@@ -116,11 +116,7 @@ def peer_engine_class():
         def _generate_chunk(self, prompts):
             c = self.cfg
             P = max(len(p) for p in prompts)
-            ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long, device=self.device)
-            attn = torch.zeros_like(ids)
-            for b, p in enumerate(prompts):
-                ids[b, P - len(p) :] = torch.tensor(p, device=self.device)
-                attn[b, P - len(p) :] = 1
+            ids, attn = self.left_padded(prompts, P)
             out = self.lm.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=c.temperature,
                                    top_p=c.top_p, top_k=c.top_k or None, max_new_tokens=c.max_new_tokens,
                                    eos_token_id=self.eos_id, pad_token_id=self.pad_id, return_dict_in_generate=True,

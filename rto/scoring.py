@@ -42,8 +42,9 @@ class Packed:
     @classmethod
     def of(cls, batch: RolloutBatch) -> Packed:
         valid = batch.attention_mask.bool()
+        at = valid.nonzero(as_tuple=True)  # one host sync (the token count), shared by the three gathers
         positions = valid.long().cumsum(1) - 1  # right padding: each row's tokens are a prefix
-        return cls(batch.input_ids[valid][None], positions[valid][None], batch.response_mask[valid][None], valid)
+        return cls(batch.input_ids[at][None], positions[at][None], batch.response_mask[at][None], valid)
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         """[1, N] per-token values back to [B, T] (0 at padding); differentiable."""
@@ -52,33 +53,34 @@ class Packed:
         )
 
 
-def policy_forward(model: nn.Module, batch: RolloutBatch, temperature: float, packing: bool = False,
+def policy_forward(model: nn.Module, batch: RolloutBatch, temperature: float, packed: Packed | None = None,
                    **kwargs) -> dict[str, torch.Tensor]:  # fmt: skip
-    """`PolicyModel` outputs for the response tokens of `batch`, [B, T]; `packing` runs the forward padding-free.
-    (A "hidden" output, [N, H] over the selected tokens, has the same row-major order either way.)"""
-    if not packing:
+    """`PolicyModel` outputs for the response tokens of `batch`, [B, T]; with `packed` (`Packed.of(batch)`) the
+    forward runs padding-free. (A "hidden" output, [N, H] over the selected tokens, has the same row-major order
+    either way.)"""
+    if packed is None:
         return model(batch.input_ids, batch.attention_mask, loss_mask=batch.response_mask, temperature=temperature,
                      **kwargs)  # fmt: skip
-    p = Packed.of(batch)
+    p = packed
     out = model(p.input_ids, None, p.position_ids, loss_mask=p.response_mask, temperature=temperature, **kwargs)
     return {k: v if k == "hidden" else p.unpack(v) for k, v in out.items()}
 
 
-def policy_logp(model: nn.Module, batch: RolloutBatch, temperature: float, packing: bool = False) -> torch.Tensor:
-    return policy_forward(model, batch, temperature, packing)["logp"]
+def policy_logp(model: nn.Module, batch: RolloutBatch, temperature: float,
+                packed: Packed | None = None) -> torch.Tensor:  # fmt: skip
+    return policy_forward(model, batch, temperature, packed)["logp"]
 
 
-def token_values(model: nn.Module, batch: RolloutBatch, packing: bool = False) -> torch.Tensor:
+def token_values(model: nn.Module, batch: RolloutBatch, packed: Packed | None = None) -> torch.Tensor:
     """A `ScalarModel`'s output at every token [B, T] (0 at padding when packed)."""
-    if not packing:
+    if packed is None:
         return model(batch.input_ids, batch.attention_mask)
-    p = Packed.of(batch)
-    return p.unpack(model(p.input_ids, None, p.position_ids))
+    return packed.unpack(model(packed.input_ids, None, packed.position_ids))
 
 
-def action_values(critic: nn.Module, batch: RolloutBatch, packing: bool = False) -> torch.Tensor:
+def action_values(critic: nn.Module, batch: RolloutBatch, packed: Packed | None = None) -> torch.Tensor:
     """V(s_t) for the action at t: the critic's output at position t - 1, on response tokens only."""
-    v = token_values(critic, batch, packing)  # [B, T]
+    v = token_values(critic, batch, packed)  # [B, T]
     shifted = torch.zeros_like(v)
     shifted[:, 1:] = v[:, :-1]
     return torch.where(batch.response_mask, shifted, torch.zeros_like(shifted))
@@ -91,12 +93,13 @@ def score_rollout(batch: RolloutBatch, *, actor: nn.Module, ref: nn.Module, dpo:
     parts = []
     for i in range(0, batch.input_ids.shape[0], micro_batch_size):
         mb = batch.select(slice(i, i + micro_batch_size))
-        raw = last_valid(token_values(reward_model, mb, packing), mb.attention_mask)  # [b]
+        packed = Packed.of(mb) if packing else None  # one layout for all five forwards
+        raw = last_valid(token_values(reward_model, mb, packed), mb.attention_mask)  # [b]
         parts.append(dict(
-            logp_old=policy_logp(actor, mb, temperature, packing),
-            logp_ref=policy_logp(ref, mb, temperature, packing),
-            logp_dpo=policy_logp(dpo, mb, temperature, packing) if dpo is not None else None,
-            values=action_values(critic, mb, packing) if critic is not None else torch.zeros_like(mb.rollout_logp),
+            logp_old=policy_logp(actor, mb, temperature, packed),
+            logp_ref=policy_logp(ref, mb, temperature, packed),
+            logp_dpo=policy_logp(dpo, mb, temperature, packed) if dpo is not None else None,
+            values=action_values(critic, mb, packed) if critic is not None else torch.zeros_like(mb.rollout_logp),
             raw_score=raw,
         ))  # fmt: skip
     cat = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in parts[0]}

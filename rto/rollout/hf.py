@@ -85,11 +85,7 @@ class HFEngine:
         c = self.cfg
         B, P = len(prompts), max(len(p) for p in prompts)
         L = P + c.max_new_tokens
-        ids = torch.full((B, P), self.pad_id, dtype=torch.long, device=self.device)
-        attn = torch.zeros((B, L), dtype=torch.long, device=self.device)
-        for b, p in enumerate(prompts):  # left padding for batched decoding
-            ids[b, P - len(p) :] = torch.tensor(p, device=self.device)
-            attn[b, P - len(p) : P] = 1
+        ids, attn = self.left_padded(prompts, L)
         positions = (attn[:, :P].cumsum(-1) - 1).clamp_(min=0)  # pads take position 0; they are masked anyway
         static = c.kv_cache == "static"
         if static:
@@ -115,12 +111,18 @@ class HFEngine:
             pos = pos + 1
             cache_position = torch.full((1,), P + t, dtype=torch.long, device=self.device)
             logits = step_fn(tok[:, None], pos, attn if static else attn[:, : P + t + 1], cache, cache_position)
-        new, lps = tokens.tolist(), logps.tolist()
-        for b in range(B):  # a row that ended keeps its tokens up to EOS (assemble cuts there)
-            if self.eos_id in new[b]:
-                end = new[b].index(self.eos_id) + 1
-                new[b], lps[b] = new[b][:end], lps[b][:end]
-        return new, lps
+        return tokens.tolist(), logps.tolist()  # `assemble` cuts each row after its first EOS
+
+    def left_padded(self, prompts: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts left-padded to the longest one (batched decoding): ids [B, P] and an attention mask [B, width]
+        (width >= P) that is 1 on each prompt's tokens and 0 on the padding and on the room after P."""
+        P = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long, device=self.device)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            ids[b, P - len(p) :] = torch.tensor(p, device=self.device)
+            attn[b, P - len(p) : P] = 1
+        return ids, attn
 
     def _logits(self, ids, positions, attn, cache, cache_position) -> torch.Tensor:
         """fp32 logits [B, V] at the last position, at the rollout temperature."""

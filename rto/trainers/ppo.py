@@ -35,7 +35,7 @@ from rto.models import PolicyModel, ScalarModel, check_model_path, load_causal_l
 from rto.parallel import Dist, all_reduce_sum, clip_grad_norm, freeze, named_collectives, shard
 from rto.rollout.engine import RolloutBatch
 from rto.rollout.hf import HFEngine
-from rto.scoring import Scored, action_values, policy_forward, score_rollout
+from rto.scoring import Packed, Scored, action_values, policy_forward, score_rollout
 from rto.trainers.offline import cosine_schedule, resume_path, start_run
 
 log = logging.getLogger(__name__)
@@ -171,12 +171,13 @@ def ppo_update(batch: RolloutBatch, s: Scored, adv: torch.Tensor, returns: torch
                 last = i == len(chunks) - 1
                 mb, T = trimmed(batch, rows)
                 mask = mb.response_mask
+                packed = Packed.of(mb) if t.packing else None  # one layout for the actor's and the critic's forward
 
                 def cut(x, rows=rows, T=T):  # the rollout tensors of this micro-batch, trimmed like it
                     return x[rows][:, :T]
 
                 models.actor.set_requires_gradient_sync(last)
-                out = policy_forward(models.actor, mb, cfg.rollout.temperature, t.packing,
+                out = policy_forward(models.actor, mb, cfg.rollout.temperature, packed,
                                      return_entropy=t.entropy_coef > 0)  # fmt: skip
                 pg, stats = ppo_policy_loss(out["logp"], cut(s.logp_old), cut(adv), mask, t.clip_eps)
                 loss = pg
@@ -191,7 +192,7 @@ def ppo_update(batch: RolloutBatch, s: Scored, adv: torch.Tensor, returns: torch
                 add("tokens", mask.sum().float())
                 if models.critic is not None:
                     models.critic.set_requires_gradient_sync(last)
-                    values = action_values(models.critic, mb, t.packing)
+                    values = action_values(models.critic, mb, packed)
                     vf = value_loss(values, cut(s.values), cut(returns), mask, t.value_clip)
                     (vf * scale).backward()
                     add("vf_loss", vf)
