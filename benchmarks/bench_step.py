@@ -38,18 +38,48 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {  # Llama-shaped configs: hidden, layers, heads, kv heads, intermediate, vocab
-    "micro": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=172, vocab_size=2048),  # CI smoke test
-    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=688, vocab_size=32000),
-    "0.5b": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
-                 intermediate_size=2816, vocab_size=128256),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=8192, vocab_size=128256),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336, vocab_size=128256),
-}  # fmt: skip
-PHASES = ("generate", "score", "advantages", "update", "sync")
+    "micro": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=172,
+        vocab_size=2048,
+    ),  # CI smoke test
+    "tiny": dict(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=688,
+        vocab_size=32000,
+    ),
+    "0.5b": dict(
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        intermediate_size=2816,
+        vocab_size=128256,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+    ),
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+    ),
+}
+PHASES = ("generate", "score", "advantages", "guard", "update", "sync")
 
 
 # ---- memory ----
@@ -117,10 +147,19 @@ def peer_engine_class():
             c = self.cfg
             P = max(len(p) for p in prompts)
             ids, attn = self.left_padded(prompts, P)
-            out = self.lm.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=c.temperature,
-                                   top_p=c.top_p, top_k=c.top_k or None, max_new_tokens=c.max_new_tokens,
-                                   eos_token_id=self.eos_id, pad_token_id=self.pad_id, return_dict_in_generate=True,
-                                   output_logits=True)  # fmt: skip
+            out = self.lm.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                do_sample=True,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                top_k=c.top_k or None,
+                max_new_tokens=c.max_new_tokens,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+                return_dict_in_generate=True,
+                output_logits=True,
+            )
             new = out.sequences[:, P:]  # [B, L]
             logits = torch.stack(out.logits, dim=1).float() / c.temperature  # [B, L, V]
             logp = torch.log_softmax(logits, -1).gather(-1, new[..., None]).squeeze(-1)
@@ -135,8 +174,20 @@ def peer_advantages(s, mask, cfg):
 
     r = cfg.rewards
     rewards, adv, returns = reference.rto_advantages(
-        s.logp_old, s.logp_ref, s.logp_dpo, s.score, s.values, mask, kl_coef=r.kl_coef, dpo_scale=r.dpo_scale,
-        dpo_clip=r.dpo_clip, score_clip=r.score_clip, shaping=cfg.algo, gamma=r.gamma, lam=r.lam)  # fmt: skip
+        s.logp_old,
+        s.logp_ref,
+        s.logp_dpo,
+        s.score,
+        s.values,
+        mask,
+        kl_coef=r.kl_coef,
+        dpo_scale=r.dpo_scale,
+        dpo_clip=r.dpo_clip,
+        score_clip=r.score_clip,
+        shaping=cfg.algo,
+        gamma=r.gamma,
+        lam=r.lam,
+    )
     return rewards, whiten(adv, mask), returns
 
 
@@ -179,26 +230,35 @@ def run_variant(
 
     from rto import advantages
     from rto.config import PPOConfig, load_config
+    from rto.guard import NonFiniteGuard
     from rto.models import PolicyModel, ScalarModel
     from rto.parallel import freeze, init_distributed, shard
     from rto.rollout.hf import HFEngine
-    from rto.scoring import score_rollout
+    from rto.run import Timer, Trainable
     from rto.trainers import ppo
 
     d = init_distributed()
     torch.manual_seed(0)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False,
-                         pad_token_id=0, torch_dtype=dtype)  # fmt: skip
-    cfg: PPOConfig = load_config("ppo", None, ["actor.path=x", "reward=x", "dpo=x", "data.path=x", f"algo={algo}",
-                                               f"rollout.max_new_tokens={new_tokens}",
-                                               f"rollout.prompts_per_step={batch}", f"rollout.micro_batch_size={batch}",
-                                               f"train.train_batch_size={batch}",
-                                               f"train.micro_batch_size={min(batch, 8)}",
-                                               "actor_optim.warmup_ratio=0",
-                                               f"rollout.kv_cache={'dynamic' if decode == 'dynamic' else 'static'}",
-                                               f"rollout.compile_decode={decode == 'compiled'}",
-                                               f"train.packing={packing}"])  # fmt: skip
+    shape_config = dict(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0)
+    config = LlamaConfig(**shape_config, torch_dtype=dtype)
+    settings = {
+        "actor.path": "x",
+        "reward": "x",
+        "dpo": "x",
+        "data.path": "x",
+        "algo": algo,
+        "rollout.max_new_tokens": new_tokens,
+        "rollout.prompts_per_step": batch,
+        "rollout.micro_batch_size": batch,
+        "train.train_batch_size": batch,
+        "train.micro_batch_size": min(batch, 8),
+        "actor_optim.warmup_ratio": 0,
+        "rollout.kv_cache": "dynamic" if decode == "dynamic" else "static",
+        "rollout.compile_decode": decode == "compiled",
+        "train.packing": packing,
+    }
+    cfg: PPOConfig = load_config("ppo", None, [f"{k}={v}" for k, v in settings.items()])
     policy_cls = peer_policy_class() if variant == "peer" else PolicyModel
 
     def causal(seed):
@@ -225,36 +285,42 @@ def run_variant(
         pad_token_id = 0
 
     engine_cls = peer_engine_class() if variant == "peer" else HFEngine
-    engine = engine_cls(actor, actor_lm, Tok(), cfg.rollout, d.device)
-    opt = []
+    sync = per_parameter_sync if variant == "peer" else bucketed_sync
+
+    class BenchEngine(engine_cls):
+        """The engine with a real weight sync: into a separate inference copy of the actor."""
+
+        def sync_weights(self):
+            _sync_full(sync, actor, actor_lm, engine_copy)
+
+    engine = BenchEngine(actor, actor_lm, Tok(), cfg.rollout, d.device)
+    trainables = []
     for name, model, o in (("actor", actor, cfg.actor_optim), ("critic", critic, cfg.critic_optim)):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=o.lr)
-        opt.append(
-            (name, optimizer, ppo.Sched(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), 1.0), model)
-        )
+        constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        trainables.append(Trainable(name, model, optimizer, constant, 1.0))
     gen = torch.Generator().manual_seed(0)
     # ragged: prompt lengths uniform in [prompt_len / 4, 7 prompt_len / 4] (the same mean), as real prompts vary
-    lengths = (torch.randint(max(1, prompt_len // 4), prompt_len * 7 // 4 + 1, (batch,), generator=gen).tolist()
-               if ragged else [prompt_len] * batch)  # fmt: skip
+    lo, hi = max(1, prompt_len // 4), prompt_len * 7 // 4 + 1
+    lengths = torch.randint(lo, hi, (batch,), generator=gen).tolist() if ragged else [prompt_len] * batch
     prompts = [torch.randint(1, config.vocab_size - 1, (n,), generator=gen).tolist() for n in lengths]
-    compute_adv = peer_advantages if variant == "peer" else advantages.compute_advantages
-    sync = per_parameter_sync if variant == "peer" else bucketed_sync
     mem = PhaseMemory(d.device)
     times = {p: [] for p in PHASES}
     peaks = {p: 0.0 for p in PHASES}
     tokens = {"generated": 0, "trained": 0}
 
-    def phase(name, fn):
-        mem.start()
-        t0 = time.perf_counter()
-        with torch.profiler.record_function(f"phase/{name}"):
-            out = fn()
-        if d.device.type == "cuda":
-            torch.cuda.synchronize()
-        times[name].append(time.perf_counter() - t0)
-        peaks[name] = max(peaks[name], mem.stop())
-        return out
+    class BenchTimer(Timer):
+        """The step's own phase timer, plus the peak memory of each phase."""
 
+        def start(self, phase):
+            mem.start()
+
+        def stop(self, phase):
+            peaks[phase] = max(peaks.get(phase, 0.0), mem.stop())
+
+    compute_adv = peer_advantages if variant == "peer" else advantages.compute_advantages
+    guard = NonFiniteGuard(1, "(the benchmark saves no checkpoints)")
+    trainer = ppo.PPOTrainer(cfg, d, models, engine, trainables, guard, advantages=compute_adv, timer=BenchTimer)
     prof = None
     for step in range(steps + 1):  # step 0 warms up (lazy init, allocator, kernels)
         if profile and step == steps:
@@ -264,20 +330,15 @@ def run_variant(
             prof = torch.profiler.profile(activities=activities)
             prof.__enter__()
         torch.manual_seed(100 + step)
-        b = phase("generate", lambda: engine.generate(prompts))
-        s = phase("score", lambda b=b: score_rollout(b, actor=actor, ref=ref, dpo=dpo_model, critic=critic,
-                                                     reward_model=reward, rewards=cfg.rewards, temperature=1.0,
-                                                     micro_batch_size=cfg.train.micro_batch_size,
-                                                     packing=cfg.train.packing))  # fmt: skip
-        r = phase("advantages", lambda b=b, s=s: compute_adv(s, b.response_mask, cfg))
-        phase("update", lambda b=b, s=s, r=r, k=step: ppo.ppo_update(b, s, r[1], r[2], models, opt, cfg, d, k))
-        phase("sync", lambda: _sync_full(sync, actor, actor_lm, engine_copy))
+        result = trainer.step(prompts, with_metrics=False)  # the trainer's own step, phase by phase
+        for phase, seconds in result.seconds.items():
+            times.setdefault(phase, []).append(seconds)
         if step == 0:
             times = {p: [] for p in PHASES}
             peaks = {p: 0.0 for p in PHASES}
         else:
-            tokens["generated"] += int(b.response_mask.sum())
-            tokens["trained"] += int(b.attention_mask.sum())
+            tokens["generated"] += int(result.batch.response_mask.sum())
+            tokens["trained"] += int(result.batch.attention_mask.sum())
     if prof is not None:
         prof.__exit__(None, None, None)
         prof.export_chrome_trace(str(out / f"trace_{variant}_{shape}.json"))
@@ -288,9 +349,17 @@ def run_variant(
     # what one decode step must read at least: every matmul weight once, and the KV cache of each row
     head_dim = config.hidden_size // config.num_attention_heads
     kv_bytes_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * dtype.itemsize
-    return {"times": {p: statistics.median(v) for p, v in times.items()}, "peak_mib": peaks, "tokens": tokens,
-            "steps": steps, "actor_params": params, "critic_params": critic_params, "decode": decode,
-            "decode_weight_bytes": params * dtype.itemsize, "kv_bytes_per_token": kv_bytes_per_token}  # fmt: skip
+    return {
+        "times": {p: statistics.median(v) for p, v in times.items()},
+        "peak_mib": peaks,
+        "tokens": tokens,
+        "steps": steps,
+        "actor_params": params,
+        "critic_params": critic_params,
+        "decode": decode,
+        "decode_weight_bytes": params * dtype.itemsize,
+        "kv_bytes_per_token": kv_bytes_per_token,
+    }
 
 
 def _sync_full(sync, actor, actor_lm, engine_copy):
@@ -372,17 +441,48 @@ def main(argv=None) -> int:
     if args.variant:
         decode = "dynamic" if args.variant == "peer" else args.decode  # the peer engine is HF generate
         packing = args.packing and args.variant == "ours"  # peer-style batches stay padded
-        result = run_variant(args.variant, args.shape, args.steps, args.batch, args.prompt_len, args.new_tokens,
-                             args.profile, args.out, decode, packing, args.ragged, args.algo)  # fmt: skip
+        result = run_variant(
+            args.variant,
+            args.shape,
+            args.steps,
+            args.batch,
+            args.prompt_len,
+            args.new_tokens,
+            args.profile,
+            args.out,
+            decode,
+            packing,
+            args.ragged,
+            args.algo,
+        )
         print("RESULT " + json.dumps(result))
         return 0
 
     runs = {}
     for variant in ("ours", "peer"):
-        cmd = [sys.executable, __file__, "--variant", variant, "--shape", args.shape, "--steps", str(args.steps),
-               "--batch", str(args.batch), "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-               "--out", str(args.out), "--decode", args.decode, *(["--profile"] if args.profile else []),
-               *(["--ragged"] if args.ragged else []), *(["--packing"] if args.packing else [])]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--shape",
+            args.shape,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--prompt-len",
+            str(args.prompt_len),
+            "--new-tokens",
+            str(args.new_tokens),
+            "--out",
+            str(args.out),
+            "--decode",
+            args.decode,
+            *(["--profile"] if args.profile else []),
+            *(["--ragged"] if args.ragged else []),
+            *(["--packing"] if args.packing else []),
+        ]
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         result = _child(cmd, env)
         if not torch.cuda.is_available():
@@ -442,31 +542,46 @@ def write(runs: dict, args, device_name: str, rate: float, bandwidth: float) -> 
     stem = args.out / f"step_{args.shape}_{slug}_{date}{tags}"
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_step.py " + " ".join(_without_out(sys.argv[1:]))
-    lines = [f"# Step benchmark: shape {args.shape}, {device_name}, {date}", "", f"Command: `{command.strip()}`", "",
-             f"{args.batch} prompts x {args.prompt_len} tokens{' on average (ragged)' if args.ragged else ''}, "
-             f"{args.new_tokens} new tokens, {args.steps} measured "
-             f"steps after one warm-up; measured matmul rate {rate:.2f} TFLOP/s, copy bandwidth {bandwidth:.0f} GB/s. "
-             f"Our engine's decode: {ours['decode']}; our scoring and update: "
-             f"{'padding-free' if args.packing else 'padded'}. Times are medians over steps; peak memory is above "
-             "each phase's start.", "",
-             "| phase | ours s | peer-style s | time ratio (ours/peer) | ours peak MiB | peer peak MiB "
-             "| memory ratio |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Step benchmark: shape {args.shape}, {device_name}, {date}",
+        "",
+        f"Command: `{command.strip()}`",
+        "",
+        f"{args.batch} prompts x {args.prompt_len} tokens{' on average (ragged)' if args.ragged else ''}, "
+        f"{args.new_tokens} new tokens, {args.steps} measured "
+        f"steps after one warm-up; measured matmul rate {rate:.2f} TFLOP/s, copy bandwidth {bandwidth:.0f} GB/s. "
+        f"Our engine's decode: {ours['decode']}; our scoring and update: "
+        f"{'padding-free' if args.packing else 'padded'}. Times are medians over steps; peak memory is above "
+        "each phase's start.",
+        "",
+        "| phase | ours s | peer-style s | time ratio (ours/peer) | ours peak MiB | peer peak MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in PHASES:
         to, tp = ours["times"][p], peer["times"][p]
         mo, mp = ours["peak_mib"][p], peer["peak_mib"][p]
         mratio = f"{mo / mp:.2f}" if mp > 1 else "-"
         lines.append(f"| {p} | {to:.4f} | {tp:.4f} | {to / tp:.2f} | {mo:.0f} | {mp:.0f} | {mratio} |")
-    lines.append(f"| whole step | {ours['step_s']:.4f} | {peer['step_s']:.4f} | {ours['step_s'] / peer['step_s']:.2f} "
-                 "| | | |")  # fmt: skip
+    lines.append(
+        f"| whole step | {ours['step_s']:.4f} | {peer['step_s']:.4f} | {ours['step_s'] / peer['step_s']:.2f} | | | |"
+    )
     lines += ["", "| | ours | peer-style |", "|---|---|---|"]
-    for key, label in (("generate_tokens_per_s", "generation tokens/s"), ("train_tokens_per_s", "training tokens/s"),
-                       ("update_mfu", "update-phase MFU"), ("decode_bound_tokens_per_s", "decode bandwidth bound "
-                       "tokens/s"), ("decode_vs_bound", "generation / bound")):  # fmt: skip
+    for key, label in (
+        ("generate_tokens_per_s", "generation tokens/s"),
+        ("train_tokens_per_s", "training tokens/s"),
+        ("update_mfu", "update-phase MFU"),
+        ("decode_bound_tokens_per_s", "decode bandwidth bound tokens/s"),
+        ("decode_vs_bound", "generation / bound"),
+    ):
         fmt = "{:.1%}" if key in ("update_mfu", "decode_vs_bound") else "{:,.0f}"
         lines.append(f"| {label} | {fmt.format(ours[key])} | {fmt.format(peer[key])} |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    meta = {"args": vars(args) | {"out": str(args.out)}, "device": device_name, "matmul_tflops": rate,
-            "copy_gb_per_s": bandwidth}  # fmt: skip
+    meta = {
+        "args": vars(args) | {"out": str(args.out)},
+        "device": device_name,
+        "matmul_tflops": rate,
+        "copy_gb_per_s": bandwidth,
+    }
     stem.with_suffix(".json").write_text(json.dumps(meta | {"runs": runs}, indent=1))
     print("\n".join(lines))
     print(f"wrote {stem}.md and .json", file=sys.stderr)

@@ -54,14 +54,36 @@ def run_trl(steps: int) -> float:
     gen = torch.Generator().manual_seed(0)
     rows = [{"input_ids": torch.randint(8, len(tok), (PROMPT,), generator=gen).tolist()} for _ in range(BATCH * steps)]
     with tempfile.TemporaryDirectory() as out:
-        args = PPOConfig(output_dir=out, per_device_train_batch_size=MICRO, gradient_accumulation_steps=BATCH // MICRO,
-                         num_mini_batches=1, num_ppo_epochs=1, total_episodes=BATCH * steps, response_length=NEW,
-                         local_rollout_forward_batch_size=MICRO, stop_token=None, missing_eos_penalty=None,
-                         num_sample_generations=0, report_to="none", save_strategy="no", use_cpu=True,
-                         logging_steps=1000, learning_rate=1e-6, temperature=1.0, seed=0,
-                         dataloader_num_workers=0)  # fmt: skip
-        trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                             value_model=value, train_dataset=Dataset.from_list(rows))  # fmt: skip
+        args = PPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=MICRO,
+            gradient_accumulation_steps=BATCH // MICRO,
+            num_mini_batches=1,
+            num_ppo_epochs=1,
+            total_episodes=BATCH * steps,
+            response_length=NEW,
+            local_rollout_forward_batch_size=MICRO,
+            stop_token=None,
+            missing_eos_penalty=None,
+            num_sample_generations=0,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            logging_steps=1000,
+            learning_rate=1e-6,
+            temperature=1.0,
+            seed=0,
+            dataloader_num_workers=0,
+        )
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tok,
+            model=policy,
+            ref_model=ref,
+            reward_model=reward,
+            value_model=value,
+            train_dataset=Dataset.from_list(rows),
+        )
         t0 = time.perf_counter()
         trainer.train()
         return time.perf_counter() - t0
@@ -89,27 +111,57 @@ def main(argv=None) -> int:
     one = float(child([sys.executable, __file__, "--trl-steps", "1"]).split("TRL_SECONDS ")[1])
     many = float(child([sys.executable, __file__, "--trl-steps", str(1 + args.steps)]).split("TRL_SECONDS ")[1])
     trl_step = (many - one) / args.steps
-    ours_cmd = [sys.executable, str(HERE / "bench_step.py"), "--variant", "ours", "--shape", "tiny", "--steps",
-                str(args.steps), "--batch", str(BATCH), "--prompt-len", str(PROMPT), "--new-tokens", str(NEW),
-                "--algo", "ppo"]  # fmt: skip
+    ours_cmd = [
+        sys.executable,
+        str(HERE / "bench_step.py"),
+        "--variant",
+        "ours",
+        "--shape",
+        "tiny",
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(BATCH),
+        "--prompt-len",
+        str(PROMPT),
+        "--new-tokens",
+        str(NEW),
+        "--algo",
+        "ppo",
+    ]
     ours = json.loads(child(ours_cmd).split("RESULT ", 1)[1])
     ours_step = sum(ours["times"].values())
     device = f"cpu-{os.cpu_count()}cores"
     date = dt.date.today().isoformat()
-    result = {"trl_version": trl.__version__, "torch": torch.__version__, "device": device, "steps": args.steps,
-              "trl_train_1_step_s": one, f"trl_train_{1 + args.steps}_steps_s": many, "trl_step_s": trl_step,
-              "ours_step_s": ours_step, "ours_phases_s": ours["times"],
-              "ratio_ours_over_trl": ours_step / trl_step}  # fmt: skip
+    result = {
+        "trl_version": trl.__version__,
+        "torch": torch.__version__,
+        "device": device,
+        "steps": args.steps,
+        "trl_train_1_step_s": one,
+        f"trl_train_{1 + args.steps}_steps_s": many,
+        "trl_step_s": trl_step,
+        "ours_step_s": ours_step,
+        "ours_phases_s": ours["times"],
+        "ratio_ours_over_trl": ours_step / trl_step,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"trl_compare_{device}_{date}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    md = [f"# Ours vs TRL {trl.__version__} PPO, tiny shape, {device}, {date}", "",
-          f"Command: `python benchmarks/compare_trl.py --steps {args.steps}`", "",
-          f"{BATCH} prompts x {PROMPT} tokens, {NEW} new tokens, micro-batches of {MICRO}, one PPO epoch; algo=ppo "
-          "for both (no DPO model).", "", "| | seconds per step |", "|---|---|",
-          f"| TRL PPOTrainer ((train of {1 + args.steps} steps - train of 1 step) / {args.steps}) | {trl_step:.3f} |",
-          f"| ours (median phases, bench_step.py --variant ours --algo ppo) | {ours_step:.3f} |",
-          f"| ratio ours / TRL | {ours_step / trl_step:.2f} |"]  # fmt: skip
+    md = [
+        f"# Ours vs TRL {trl.__version__} PPO, tiny shape, {device}, {date}",
+        "",
+        f"Command: `python benchmarks/compare_trl.py --steps {args.steps}`",
+        "",
+        f"{BATCH} prompts x {PROMPT} tokens, {NEW} new tokens, micro-batches of {MICRO}, one PPO epoch; algo=ppo "
+        "for both (no DPO model).",
+        "",
+        "| | seconds per step |",
+        "|---|---|",
+        f"| TRL PPOTrainer ((train of {1 + args.steps} steps - train of 1 step) / {args.steps}) | {trl_step:.3f} |",
+        f"| ours (median phases, bench_step.py --variant ours --algo ppo) | {ours_step:.3f} |",
+        f"| ratio ours / TRL | {ours_step / trl_step:.2f} |",
+    ]
     stem.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

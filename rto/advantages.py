@@ -21,11 +21,21 @@ def compute_advantages(s: Scored, mask: torch.Tensor, cfg: PPOConfig) -> tuple[t
     r = cfg.rewards
     reinforce = cfg.estimator == "reinforce++"
     rewards, adv, returns = rto_kernels.rto_advantages(
-        s.logp_old, s.logp_ref, s.logp_dpo if cfg.algo != "ppo" else None, s.score,
-        torch.zeros_like(s.values) if reinforce else s.values, mask,
-        kl_coef=r.kl_coef, dpo_scale=r.dpo_scale, dpo_clip=r.dpo_clip, score_clip=r.score_clip,
-        kl_estimator=r.kl_estimator, shaping=cfg.algo, gamma=r.gamma, lam=1.0 if reinforce else r.lam,
-    )  # fmt: skip
+        s.logp_old,
+        s.logp_ref,
+        s.logp_dpo if cfg.algo != "ppo" else None,
+        s.score,
+        torch.zeros_like(s.values) if reinforce else s.values,
+        mask,
+        kl_coef=r.kl_coef,
+        dpo_scale=r.dpo_scale,
+        dpo_clip=r.dpo_clip,
+        score_clip=r.score_clip,
+        kl_estimator=r.kl_estimator,
+        shaping=cfg.algo,
+        gamma=r.gamma,
+        lam=1.0 if reinforce else r.lam,
+    )
     if cfg.train.whiten_advantages:
         adv = whiten(adv, mask)
     return rewards, adv, returns

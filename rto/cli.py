@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
+import signal
 import sys
+import threading
 
 import torch
 
@@ -63,31 +66,29 @@ TRAIN_HELP = {
 }
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _config(args: argparse.Namespace, recipe: str | None, overrides: list[str]):
+    """The command's config, or None when the command only prints (--help-config, --print-config)."""
     from rto import config as C
 
     if args.help_config:
         print("\n".join(C.describe(C.COMMANDS[args.command])))
-        return 0
-    overrides = list(args.overrides) + ([f"loss={args.loss}"] if getattr(args, "loss", None) else [])
-    try:
-        cfg = C.load_config(args.command, args.recipe, overrides)
-    except C.ConfigError as e:
-        print(f"rto {args.command}: config error: {e}", file=sys.stderr)
-        return 2
+        return None
+    cfg = C.load_config(args.command, recipe, overrides)
     if args.print_config:
         print(C.to_yaml(cfg))
+        return None
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"loss={args.loss}"] if getattr(args, "loss", None) else [])
+    cfg = _config(args, args.recipe, overrides)
+    if cfg is None:
         return 0
-    from rto.data import DataError
     from rto.trainers import dpo, ppo, rm, sft
 
     trainer = {"sft": sft.main, "rm": rm.main, "dpo": dpo.main, "ppo": ppo.main}[args.command]
-    try:
-        trainer(cfg)
-    except (C.ConfigError, DataError) as e:  # raised before models load: paths, tokenizer, malformed rows
-        kind = "config" if isinstance(e, C.ConfigError) else "data"
-        print(f"rto {args.command}: {kind} error: {e}", file=sys.stderr)
-        return 2
+    trainer(cfg)
     return 0
 
 
@@ -99,42 +100,52 @@ TOOLS_HELP = {
 
 
 def cmd_tool(args: argparse.Namespace) -> int:
-    from rto import config as C
-
-    if args.help_config:
-        print("\n".join(C.describe(C.COMMANDS[args.command])))
-        return 0
-    overrides, stage_overrides = list(args.overrides), {}
-    recipe = args.recipe
+    overrides, stage_overrides, recipe = list(args.overrides), {}, args.recipe
     if args.command == "pipeline":
         from rto.pipeline import split_overrides
 
         overrides, stage_overrides = split_overrides(overrides)
         recipe = recipe or "toy"
-    try:
-        cfg = C.load_config(args.command, recipe, overrides)
-        if args.print_config:
-            print(C.to_yaml(cfg))
-            return 0
-        if args.command == "eval":
-            import json
+    cfg = _config(args, recipe, overrides)
+    if cfg is None:
+        return 0
+    if args.command == "eval":
+        import json
 
-            from rto.evaluate import evaluate
+        from rto.evaluate import evaluate
 
-            print(json.dumps(evaluate(cfg), indent=1))
-        elif args.command == "inspect":
-            from rto.inspection import inspect_tokens
+        print(json.dumps(evaluate(cfg), indent=1))
+    elif args.command == "inspect":
+        from rto.inspection import inspect_tokens
 
-            print(inspect_tokens(cfg))
-        else:
-            from rto.pipeline import main as pipeline
+        print(inspect_tokens(cfg))
+    else:
+        from rto.pipeline import main as pipeline
 
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-            pipeline(cfg, recipe, stage_overrides)
-    except C.ConfigError as e:
-        print(f"rto {args.command}: config error: {e}", file=sys.stderr)
-        return 2
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        pipeline(cfg, recipe, stage_overrides)
     return 0
+
+
+def project_errors() -> dict[type, str]:
+    """The project's own errors, each printed as one line naming its kind: bad input and run faults, never
+    bugs (those keep their traceback). OSError covers I/O: a missing file, a full or read-only disk."""
+    from rto.checkpoint import CheckpointError
+    from rto.config import ConfigError
+    from rto.data import DataError
+    from rto.guard import NonFiniteError
+    from rto.parallel import CollectiveError
+    from rto.run import ResumeError
+
+    return {
+        ConfigError: "config",
+        DataError: "data",
+        ResumeError: "resume",
+        CheckpointError: "checkpoint",
+        NonFiniteError: "training",
+        CollectiveError: "distributed",
+        OSError: "I/O",
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,15 +158,46 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--loss", choices=("dpo", "ipo", "rdpo", "simpo", "tdpo"), help="same as loss=...")
         p.add_argument("--help-config", action="store_true", help="list every setting with default and meaning")
         p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument("--debug", action="store_true", help="show the traceback of a project error (or RTO_DEBUG=1)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. optim.lr=1e-6")
         p.set_defaults(fn=cmd_train if name in TRAIN_HELP else cmd_tool)
     sub.add_parser("info", help="versions, device and kernel path of this installation").set_defaults(fn=cmd_info)
     return parser
 
 
+def _exit_on_sigterm(signum, _frame) -> None:
+    """SIGTERM (a scheduler's stop, torchrun's restart of the other ranks) unwinds like an error, so every exit
+    path reaches the `finally` below that ends the process group."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    debug = getattr(args, "debug", False) or os.environ.get("RTO_DEBUG", "") not in ("", "0")
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (those stop at the end of a step)
+        if debug:
+            raise
+        print(f"rto {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as e:
+        from rto.run import PreemptedError
+
+        if isinstance(e, PreemptedError):
+            print(f"rto {args.command}: {e}", file=sys.stderr)
+            return e.exit_code
+        kind = next((k for cls, k in project_errors().items() if isinstance(e, cls)), None)
+        if kind is None or debug:
+            raise
+        print(f"rto {args.command}: {kind} error: {e} (RTO_DEBUG=1 or --debug shows the traceback)", file=sys.stderr)
+        return 2
+    finally:
+        from rto.parallel import close_distributed
+
+        close_distributed()
 
 
 if __name__ == "__main__":

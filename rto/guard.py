@@ -44,8 +44,9 @@ class NonFiniteGuard:
     def skip(self, step: int, name: str) -> None:
         self.in_a_row += 1
         self.total += 1
-        log.warning("step %d: non-finite %s; update skipped (%d in a row, %d in total)", step, name, self.in_a_row,
-                    self.total)  # fmt: skip
+        log.warning(
+            "step %d: non-finite %s; update skipped (%d in a row, %d in total)", step, name, self.in_a_row, self.total
+        )
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteError(
                 f"stopping at step {step}: {self.in_a_row} updates in a row met a non-finite value (last: {name}); "

@@ -14,19 +14,18 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
+import rto_kernels
 from rto.config import InspectConfig, ModelConfig
 from rto.data import load_rows, tokenize_prompts
 from rto.evaluate import generate
-from rto.models import PolicyModel, check_model_path, load_tokenizer
+from rto.models import PolicyModel, load_causal_lm, load_tokenizer
 
 
 @torch.no_grad()
 def response_logps(path: str, what: str, samples, temperature: float = 1.0) -> list[list[float]]:
     """Log-probs of each sample's response tokens under the model at `path`."""
-    check_model_path(path, what)
-    model = PolicyModel(AutoModelForCausalLM.from_pretrained(path)).eval()
+    model = PolicyModel(load_causal_lm(path, ModelConfig(path=path), what)).eval()
     out = []
     for s in samples:
         ids = torch.tensor([s.prompt_ids + s.response_ids])
@@ -46,18 +45,18 @@ def inspect_tokens(cfg: InspectConfig) -> str:
     tok = load_tokenizer(ModelConfig(path=cfg.model))
     rows = load_rows(cfg.data.path, cfg.data.split)
     prompts, _ = tokenize_prompts(rows.select(range(min(cfg.n, len(rows)))), tok, cfg.data, cfg.data.path)
-    samples = generate(cfg.model, prompts, tok, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
-                       seed=cfg.seed)  # fmt: skip
-    pol, ref, dpo = (response_logps(p, w, samples) for p, w in ((cfg.model, "model"), (cfg.ref, "ref"),
-                                                                 (cfg.dpo, "dpo")))  # fmt: skip
+    sampling = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    samples = generate(cfg.model, prompts, tok, **sampling)
+    pol, ref, dpo = (
+        response_logps(path, what, samples) for path, what in ((cfg.model, "model"), (cfg.ref, "ref"), (cfg.dpo, "dpo"))
+    )
     records = []
     for s, lp, lr, ld in zip(samples, pol, ref, dpo):
-        z = [cfg.dpo_scale * (d - r) for d, r in zip(ld, lr)]
-        if cfg.dpo_clip is not None:
-            z = [max(-cfg.dpo_clip, min(cfg.dpo_clip, v)) for v in z]
-        records.append({"prompt": tok.decode(s.prompt_ids, skip_special_tokens=True),
-                        "tokens": tok.convert_ids_to_tokens(s.response_ids), "dpo_reward": z,
-                        "kl": [p - r for p, r in zip(lp, lr)]})  # fmt: skip
+        z = rto_kernels.dpo_token_reward(torch.tensor(ld), torch.tensor(lr), scale=cfg.dpo_scale, clip=cfg.dpo_clip)
+        prompt = tok.decode(s.prompt_ids, skip_special_tokens=True)
+        kl = [p - r for p, r in zip(lp, lr)]
+        tokens = tok.convert_ids_to_tokens(s.response_ids)
+        records.append({"prompt": prompt, "tokens": tokens, "dpo_reward": z.tolist(), "kl": kl})
     out = Path(cfg.output_dir) / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokens.json").write_text(json.dumps(records, indent=1))
@@ -67,19 +66,24 @@ def inspect_tokens(cfg: InspectConfig) -> str:
     return f"wrote {out / 'inspect.html'}, {out / 'inspect.png'} and {out / 'tokens.json'}"
 
 
+HTML_HEAD = (
+    "<html><head><meta charset='utf-8'><title>DPO token rewards</title><style>body{font-family:sans-serif}"
+    "span{padding:2px 3px;margin:1px;border-radius:3px;display:inline-block}</style></head><body>"
+)
+
+
 def _html(records: list[dict], scale: float) -> str:
-    parts = ["<html><head><meta charset='utf-8'><title>DPO token rewards</title><style>body{font-family:sans-serif}"
-             "span{padding:2px 3px;margin:1px;border-radius:3px;display:inline-block}</style></head><body>",
-             f"<h2>DPO token reward per response token</h2><p>green: positive, red: negative; full colour at "
-             f"|z| = {scale:.3g}. Hover a token for its reward and KL term.</p>"]  # fmt: skip
+    legend = "green: positive, red: negative; full colour at"
+    intro = f"<h2>DPO token reward per response token</h2><p>{legend} |z| = {scale:.3g}. Hover a token for its reward"
+    parts = [HTML_HEAD, intro + " and KL term.</p>"]
     for r in records:
         spans = "".join(
             f"<span style='background:{_colour(z, scale)}' title='dpo reward {z:+.4f}, kl {k:+.4f}'>{html.escape(t)}"
             "</span>"
             for t, z, k in zip(r["tokens"], r["dpo_reward"], r["kl"])
         )
-        parts.append(f"<p><b>{html.escape(r['prompt'])}</b><br>{spans}<br><small>sum of DPO rewards "
-                     f"{sum(r['dpo_reward']):+.4f}</small></p>")  # fmt: skip
+        total = f"<small>sum of DPO rewards {sum(r['dpo_reward']):+.4f}</small>"
+        parts.append(f"<p><b>{html.escape(r['prompt'])}</b><br>{spans}<br>{total}</p>")
     return "\n".join(parts + ["</body></html>"])
 
 
@@ -96,8 +100,8 @@ def _png(records: list[dict], scale: float, path: Path) -> None:
         ax.text(0.0, y, r["prompt"][-28:], fontsize=8, va="center", ha="left", family="monospace")
         x = 0.24
         for t, z in zip(r["tokens"], r["dpo_reward"]):
-            ax.text(x, y, t, fontsize=8, va="center", ha="left", family="monospace",
-                    bbox=dict(boxstyle="round,pad=0.2", fc=_rgba(z, scale), ec="none"))  # fmt: skip
+            box = dict(boxstyle="round,pad=0.2", fc=_rgba(z, scale), ec="none")
+            ax.text(x, y, t, fontsize=8, va="center", ha="left", family="monospace", bbox=box)
             x += 0.012 * (len(t) + 1)
     ax.set_title(f"DPO token reward (green > 0, red < 0; full colour at |z| = {scale:.3g})", fontsize=9)
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -14,15 +14,27 @@ log = logging.getLogger(__name__)
 
 
 class MetricLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, total_steps: int, initial_step: int, tensorboard: bool,
-                 wandb: bool, progress: bool, config: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        initial_step: int,
+        tensorboard: bool,
+        wandb: bool,
+        progress: bool,
+        config: dict | None = None,
+    ):
         self.enabled = enabled
         self.tb = self.wandb = self.bar = None
         self.file = None
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        path = run_dir / "metrics.jsonl"
+        _keep_history(path, initial_step)
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -58,6 +70,12 @@ class MetricLogger:
         if self.bar is not None:
             self.bar.update(n)
 
+    def __enter__(self) -> MetricLogger:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -67,3 +85,37 @@ class MetricLogger:
             self.wandb.finish()
         if self.file is not None:
             self.file.close()
+
+
+def _keep_history(path: Path, initial_step: int) -> None:
+    """metrics.jsonl keeps the rows of steps up to the one the run starts from: steps logged after the checkpoint
+    it resumes (a run killed between a log line and the next save) are run again and must not appear twice."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):  # a line cut short by a crash while writing
+            dropped += 1
+            continue
+        if step <= initial_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        log.info("%s: dropped %d rows past step %d (they are run again)", path, dropped, initial_step)
+        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def run_logger(run_dir: Path, run, d, *, total_steps: int, initial_step: int) -> MetricLogger:
+    """The logger of a training run: rank 0 writes, with the outputs `run` (a RunConfig) asks for."""
+    return MetricLogger(
+        run_dir,
+        enabled=d.is_main,
+        total_steps=total_steps,
+        initial_step=initial_step,
+        tensorboard=run.tensorboard,
+        wandb=run.wandb,
+        progress=run.progress,
+    )

@@ -50,17 +50,31 @@ def init_distributed(timeout_s: float = 1800) -> Dist:
             # keeps a new round from connecting to them (seen as gloo "connection refused" on restart).
             agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-            store = dist.TCPStore(addr, port, world, is_master=not agent_store and rank == 0,
-                                  timeout=timedelta(seconds=timeout_s))  # fmt: skip
+            store = dist.TCPStore(
+                addr, port, world, is_master=not agent_store and rank == 0, timeout=timedelta(seconds=timeout_s)
+            )
             store = dist.PrefixStore(f"rto/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                                    timeout=timedelta(seconds=timeout_s))  # fmt: skip
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+            )
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=timedelta(seconds=timeout_s))  # fmt: skip
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=timeout_s)
+            )
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     return Dist(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local, device=device)
+
+
+def close_distributed() -> None:
+    """End the process group ourselves, after the last collective and before the interpreter exits.
+
+    Left to interpreter teardown, the group's store and backend threads are destroyed in no fixed order, which
+    aborted a finished rank now and then ("terminate called without an active exception", exit -6, mostly after
+    an elastic restart); NCCL warns about it or hangs. Every `rto` command calls this on every exit path.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class CollectiveError(RuntimeError):
@@ -75,8 +89,9 @@ def named_collectives(what: str):
     except (RuntimeError, dist.DistError) as e:
         text = str(e)
         lowered = text.lower()
-        if isinstance(e, CollectiveError) or not any(k in lowered for k in ("timed out", "timeout", "closed by peer",
-                                                                              "connection reset")):  # fmt: skip
+        if isinstance(e, CollectiveError) or not any(
+            k in lowered for k in ("timed out", "timeout", "closed by peer", "connection reset")
+        ):
             raise
         cause = "timed out" if "time" in lowered else "lost a peer"
         rank = dist.get_rank() if dist.is_initialized() else 0

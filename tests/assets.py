@@ -46,8 +46,10 @@ def make_rl_assets(root: Path, n_prompts: int = 64, seed: int = 0) -> dict[str, 
 
     paths = make_assets(root, n=n_prompts, seed=seed)
     rng = random.Random(seed + 1)
-    prompts = [{"messages": [{"role": "user", "content": "repeat " + " ".join(rng.sample(WORDS[:-1], 3))}]}
-               for _ in range(n_prompts)]  # fmt: skip
+    prompts = [
+        {"messages": [{"role": "user", "content": "repeat " + " ".join(rng.sample(WORDS[:-1], 3))}]}
+        for _ in range(n_prompts)
+    ]
     paths["prompts"] = write_jsonl(root / "prompts.jsonl", prompts)
     tok = tiny_tokenizer(WORDS)
     rm = load_scalar_model(str(paths["model"]), ModelConfig(path=str(paths["model"])))

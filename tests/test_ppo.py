@@ -18,7 +18,7 @@ from rto.config import ConfigError, load_config
 from rto.models import tiny_causal_lm, tiny_tokenizer
 from rto.parallel import init_distributed
 from rto.rollout.weight_sync import stream_weights
-from rto.scoring import policy_logp
+from rto.forward import policy_logp
 from rto.trainers import ppo
 from tests.assets import WORDS, make_rl_assets
 
@@ -31,11 +31,25 @@ def rl(tmp_path_factory):
 
 
 def args(rl, out, name, *extra):
-    return [f"actor.path={rl['model']}", f"reward={rl['reward']}", f"dpo={rl['dpo']}", f"data.path={rl['prompts']}",
-            f"run.output_dir={out}", f"run.name={name}", "rollout.prompts_per_step=16", "rollout.max_new_tokens=12",
-            "train.train_batch_size=8", "train.micro_batch_size=4", "actor_optim.lr=1e-3", "critic_optim.lr=1e-3",
-            "actor_optim.warmup_ratio=0", "critic_optim.warmup_ratio=0", "train.log_every=1", *QUIET,
-            *extra]  # fmt: skip
+    return [
+        f"actor.path={rl['model']}",
+        f"reward={rl['reward']}",
+        f"dpo={rl['dpo']}",
+        f"data.path={rl['prompts']}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        "rollout.prompts_per_step=16",
+        "rollout.max_new_tokens=12",
+        "train.train_batch_size=8",
+        "train.micro_batch_size=4",
+        "actor_optim.lr=1e-3",
+        "critic_optim.lr=1e-3",
+        "actor_optim.warmup_ratio=0",
+        "critic_optim.warmup_ratio=0",
+        "train.log_every=1",
+        *QUIET,
+        *extra,
+    ]
 
 
 def metrics(run_dir):
@@ -46,8 +60,9 @@ def cfg(rl, out, name, *extra):
     return load_config("ppo", "toy", args(rl, out, name, *extra))
 
 
-@pytest.mark.parametrize("algo,estimator", [("ppo", "gae"), ("rto", "gae"), ("rs-ppo", "gae"), ("ddpo", "gae"),
-                                            ("rto", "reinforce++")])  # fmt: skip
+@pytest.mark.parametrize(
+    "algo,estimator", [("ppo", "gae"), ("rto", "gae"), ("rs-ppo", "gae"), ("ddpo", "gae"), ("rto", "reinforce++")]
+)
 def test_every_algo_and_estimator_trains(rl, tmp_path, algo, estimator):
     ppo.main(cfg(rl, tmp_path, "run", f"algo={algo}", f"estimator={estimator}", "train.steps=2"))
     rows = metrics(tmp_path / "run")
@@ -64,7 +79,7 @@ def test_every_algo_and_estimator_trains(rl, tmp_path, algo, estimator):
 
 
 def reference_rewards(s, mask, k, scale, clip, score_clip, algo):
-    """REFERENCE.md's token reward, row by row in plain Python, from the scored tensors."""
+    """the token reward of docs/algorithm.md, row by row in plain Python, from the scored tensors."""
     out = torch.zeros_like(s.logp_old, dtype=torch.float64)
     for b in range(mask.shape[0]):
         valid = [t for t in range(mask.shape[1]) if mask[b, t]]
@@ -94,8 +109,17 @@ def test_rewards_fed_to_gae_follow_the_reference_formula(rl, tmp_path, monkeypat
         return out
 
     monkeypatch.setattr(ppo, "compute_advantages", spy)
-    c = cfg(rl, tmp_path, "run", f"algo={algo}", "train.steps=1", "rewards.kl_coef=0.2", "rewards.dpo_scale=0.5",
-            "rewards.dpo_clip=0.3", "rewards.score_clip=0.01")  # fmt: skip
+    c = cfg(
+        rl,
+        tmp_path,
+        "run",
+        f"algo={algo}",
+        "train.steps=1",
+        "rewards.kl_coef=0.2",
+        "rewards.dpo_scale=0.5",
+        "rewards.dpo_clip=0.3",
+        "rewards.score_clip=0.01",
+    )
     ppo.main(c)
     ((scored, mask, (rewards, advantages, returns)),) = seen
     expected = reference_rewards(scored, mask, 0.2, 0.5, 0.3, 0.01, algo)
@@ -158,8 +182,9 @@ def test_resume_ends_with_the_weights_of_an_uninterrupted_run(rl, tmp_path):
     ppo.main(cfg(rl, tmp_path, "full", "train.steps=3", "train.save_every=1", "run.keep_last=5"))
     import shutil
 
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000002", tmp_path / "resumed" / "checkpoints" /
-                    "step_00000002")  # fmt: skip
+    shutil.copytree(
+        tmp_path / "full" / "checkpoints" / "step_00000002", tmp_path / "resumed" / "checkpoints" / "step_00000002"
+    )
     ppo.main(cfg(rl, tmp_path, "resumed", "train.steps=3", "run.resume=auto"))
     assert [r["step"] for r in metrics(tmp_path / "resumed")] == [3]
     for part in ("actor", "critic"):
@@ -206,8 +231,18 @@ def test_weights_stream_in_buckets():
 
 def test_two_ranks(rl, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "rto", "ppo", "--recipe", "toy",
-           *args(rl, tmp_path, "two", "train.steps=2")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "rto",
+        "ppo",
+        "--recipe",
+        "toy",
+        *args(rl, tmp_path, "two", "train.steps=2"),
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics(tmp_path / "two")

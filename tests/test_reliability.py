@@ -56,8 +56,16 @@ def test_nan_losses_skip_updates_and_the_run_goes_on(assets, tmp_path, monkeypat
 
 def test_nan_every_step_stops_with_the_last_good_checkpoint(assets, tmp_path, monkeypatch):
     plant_nan(monkeypatch, set(range(5, 100)))  # from step 3 on
-    args = run_args(assets, tmp_path, "sft", "stop", "train.max_steps=20", "train.save_every=1", "run.keep_last=10",
-                    "train.max_nonfinite=3")  # fmt: skip
+    args = run_args(
+        assets,
+        tmp_path,
+        "sft",
+        "stop",
+        "train.max_steps=20",
+        "train.save_every=1",
+        "run.keep_last=10",
+        "train.max_nonfinite=3",
+    )
     with pytest.raises(NonFiniteError, match=r"stopping at step 5: 3 updates in a row .* \(last: loss \(nll\)\)"):
         sft.main(load_config("sft", None, args))
     assert latest_checkpoint(tmp_path / "stop").name == "step_00000002"  # nothing saved after the first bad step
@@ -76,11 +84,26 @@ def test_nan_rewards_skip_a_ppo_update(tmp_path, monkeypatch):
         return s
 
     monkeypatch.setattr(ppo, "score_rollout", score)
-    c = load_config("ppo", "toy", [f"actor.path={rl['model']}", f"reward={rl['reward']}", f"dpo={rl['dpo']}",
-                                   f"data.path={rl['prompts']}", f"run.output_dir={tmp_path}", "run.name=p",
-                                   "rollout.prompts_per_step=16", "rollout.max_new_tokens=8", "train.steps=3",
-                                   "train.train_batch_size=8", "train.micro_batch_size=8", "train.log_every=1",
-                                   "run.progress=false", "run.tensorboard=false"])  # fmt: skip
+    c = load_config(
+        "ppo",
+        "toy",
+        [
+            f"actor.path={rl['model']}",
+            f"reward={rl['reward']}",
+            f"dpo={rl['dpo']}",
+            f"data.path={rl['prompts']}",
+            f"run.output_dir={tmp_path}",
+            "run.name=p",
+            "rollout.prompts_per_step=16",
+            "rollout.max_new_tokens=8",
+            "train.steps=3",
+            "train.train_batch_size=8",
+            "train.micro_batch_size=8",
+            "train.log_every=1",
+            "run.progress=false",
+            "run.tensorboard=false",
+        ],
+    )
     ppo.main(c)
     assert [r["train/skipped_updates"] for r in metrics(tmp_path / "p")] == [0, 1, 1]
 
@@ -93,8 +116,9 @@ def _sft_cmd(assets, out: Path, name: str, *extra: str) -> list[str]:
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(assets, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(_sft_cmd(assets, tmp_path, "clean"), check=True, env=env, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_sft_cmd(assets, tmp_path, "killed"), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _sft_cmd(assets, tmp_path, "killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     ckpt = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
     while (
@@ -108,8 +132,9 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(assets, tmp_pa
     killed_at = latest_checkpoint(tmp_path / "killed").name
     assert not (tmp_path / "killed" / "hf").exists() and killed_at < "step_00000030"
     (ckpt / "step_99999999.tmp").mkdir()  # what a crash during a save leaves behind: ignored
-    subprocess.run(_sft_cmd(assets, tmp_path, "killed", "run.resume=auto"), check=True, env=env, capture_output=True,
-                   timeout=600)  # fmt: skip
+    subprocess.run(
+        _sft_cmd(assets, tmp_path, "killed", "run.resume=auto"), check=True, env=env, capture_output=True, timeout=600
+    )
     a = load_file(tmp_path / "clean" / "hf" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "hf" / "model.safetensors")
     for k in a:
@@ -135,11 +160,27 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_resumes(assets, tmp_path):
     entry = tmp_path / "crashing_entry.py"
     entry.write_text(CRASHING_ENTRY)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    args = run_args(assets, tmp_path, "sft", "elastic", "train.max_steps=8", "train.save_every=2", "run.resume=auto",
-                    "train.log_every=1")  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           str(entry), "sft",
-           *args]  # fmt: skip
+    args = run_args(
+        assets,
+        tmp_path,
+        "sft",
+        "elastic",
+        "train.max_steps=8",
+        "train.save_every=2",
+        "run.resume=auto",
+        "train.log_every=1",
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        str(entry),
+        "sft",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and "step_00000004" in proc.stderr
@@ -184,11 +225,23 @@ def test_sigkill_during_ppo_then_resume_matches_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def cmd(name, *extra):
-        settings = [f"actor.path={rl['model']}", f"reward={rl['reward']}", f"dpo={rl['dpo']}",
-                    f"data.path={rl['prompts']}", f"run.output_dir={tmp_path}", f"run.name={name}",
-                    "rollout.prompts_per_step=16", "rollout.max_new_tokens=8", "train.steps=12",
-                    "train.train_batch_size=8", "train.micro_batch_size=8", "train.save_every=1", "run.keep_last=3",
-                    "run.progress=false", "run.tensorboard=false"]  # fmt: skip
+        settings = [
+            f"actor.path={rl['model']}",
+            f"reward={rl['reward']}",
+            f"dpo={rl['dpo']}",
+            f"data.path={rl['prompts']}",
+            f"run.output_dir={tmp_path}",
+            f"run.name={name}",
+            "rollout.prompts_per_step=16",
+            "rollout.max_new_tokens=8",
+            "train.steps=12",
+            "train.train_batch_size=8",
+            "train.micro_batch_size=8",
+            "train.save_every=1",
+            "run.keep_last=3",
+            "run.progress=false",
+            "run.tensorboard=false",
+        ]
         return [sys.executable, "-m", "rto", "ppo", "--recipe", "toy", *settings, *extra]
 
     subprocess.run(cmd("clean"), check=True, env=env, capture_output=True, timeout=600)

@@ -30,9 +30,18 @@ def assets(tmp_path_factory):
 
 
 def run_args(assets, out: Path, data: str, name: str, *extra: str) -> list[str]:
-    return [f"model.path={assets['model']}", f"data.path={assets[data]}", f"run.output_dir={out}", f"run.name={name}",
-            "train.global_batch_size=16", "train.micro_batch_size=8", "data.max_length=64",
-            "data.max_prompt_length=32", *QUIET, *extra]  # fmt: skip
+    return [
+        f"model.path={assets['model']}",
+        f"data.path={assets[data]}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        "train.global_batch_size=16",
+        "train.micro_batch_size=8",
+        "data.max_length=64",
+        "data.max_prompt_length=32",
+        *QUIET,
+        *extra,
+    ]
 
 
 def metrics(run_dir: Path) -> list[dict]:
@@ -43,8 +52,17 @@ def test_sft_learns_the_easy_task_and_exports(assets, tmp_path):
     eval_file = write_jsonl(
         tmp_path / "eval.jsonl", [json.loads(x) for x in assets["sft"].read_text().splitlines()[:16]]
     )
-    args = run_args(assets, tmp_path, "sft", "sft", "optim.lr=1e-2", "train.max_steps=60", "train.log_every=1",
-                    f"data.eval_path={eval_file}", "run.tensorboard=true")  # fmt: skip
+    args = run_args(
+        assets,
+        tmp_path,
+        "sft",
+        "sft",
+        "optim.lr=1e-2",
+        "train.max_steps=60",
+        "train.log_every=1",
+        f"data.eval_path={eval_file}",
+        "run.tensorboard=true",
+    )
     final = sft.main(load_config("sft", None, args))
     rows = [m for m in metrics(tmp_path / "sft") if "train/loss" in m]
     assert len(rows) == 60
@@ -103,8 +121,17 @@ def test_reward_model_trains(assets, tmp_path):
 @pytest.mark.parametrize("loss", ["dpo", "ipo", "rdpo", "simpo", "tdpo"])
 def test_dpo_family_runs_and_moves_the_margin(assets, tmp_path, loss):
     beta = "beta=2.5" if loss == "simpo" else "beta=0.5"
-    args = run_args(assets, tmp_path, "pairs", loss, f"loss={loss}", beta, "optim.lr=2e-3", "train.max_steps=12",
-                    "train.log_every=1")  # fmt: skip
+    args = run_args(
+        assets,
+        tmp_path,
+        "pairs",
+        loss,
+        f"loss={loss}",
+        beta,
+        "optim.lr=2e-3",
+        "train.max_steps=12",
+        "train.log_every=1",
+    )
     dpo.main(load_config("dpo", None, args))
     rows = [m for m in metrics(tmp_path / loss) if "train/loss" in m]
     assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in rows)
@@ -130,8 +157,9 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.parametrize("command,data,extra", [("sft", "sft", []), ("rm", "pairs", []),
-                                                ("dpo", "pairs", ["loss=tdpo", "beta=0.5"])])  # fmt: skip
+@pytest.mark.parametrize(
+    "command,data,extra", [("sft", "sft", []), ("rm", "pairs", []), ("dpo", "pairs", ["loss=tdpo", "beta=0.5"])]
+)
 def test_two_ranks_match_one_rank(assets, tmp_path, command, data, extra):
     common = ["train.max_steps=3", "optim.lr=1e-3", *extra]
     proc = _torchrun([command, *run_args(assets, tmp_path, data, "two", *common)], tmp_path)

@@ -30,8 +30,12 @@ def build_task(ctx) -> Task:
         if cfg.loss == "tdpo":
             ref_head = full_tensor(ref.head_weight.detach())  # gathered once: the reference never changes
     pad = ctx.tokenizer.pad_token_id
-    kw = dict(beta=cfg.beta, rdpo_alpha=cfg.rdpo_alpha, simpo_gamma_beta_ratio=cfg.simpo_gamma_beta_ratio,
-              tdpo_alpha=cfg.tdpo_alpha)  # fmt: skip
+    kw = dict(
+        beta=cfg.beta,
+        rdpo_alpha=cfg.rdpo_alpha,
+        simpo_gamma_beta_ratio=cfg.simpo_gamma_beta_ratio,
+        tdpo_alpha=cfg.tdpo_alpha,
+    )
 
     def pair_losses(pairs):
         P = len(pairs)
@@ -53,8 +57,7 @@ def build_task(ctx) -> Task:
         if kl_ref is not None:
             kl_w, kl_l = chosen_rejected(out["kl"])
         (lp_w, lp_l), (len_w, len_l) = chosen_rejected(out["logp"]), chosen_rejected(b["loss_mask"].float())
-        return preference_loss(cfg.loss, lp_w, lp_l, ref_w, ref_l, len_w, len_l, kl_chosen=kl_w, kl_rejected=kl_l,
-                               **kw)  # fmt: skip
+        return preference_loss(cfg.loss, lp_w, lp_l, ref_w, ref_l, len_w, len_l, kl_chosen=kl_w, kl_rejected=kl_l, **kw)
 
     def forward(pairs):
         losses, r_w, r_l = pair_losses(pairs)
@@ -62,8 +65,13 @@ def build_task(ctx) -> Task:
 
     def means(s):
         n = max(s["pairs"], 1)
-        return {"loss": s["loss"] / n, "reward_accuracy": s["correct"] / n, "reward_margin": s["margin"] / n,
-                "chosen_reward": s["chosen_reward"] / n, "rejected_reward": s["rejected_reward"] / n}  # fmt: skip
+        return {
+            "loss": s["loss"] / n,
+            "reward_accuracy": s["correct"] / n,
+            "reward_margin": s["margin"] / n,
+            "chosen_reward": s["chosen_reward"] / n,
+            "rejected_reward": s["rejected_reward"] / n,
+        }
 
     return Task(model=policy, hf_model=lm, forward=forward, count=lambda items: float(len(items)), means=means)
 

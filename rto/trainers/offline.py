@@ -20,18 +20,28 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from rto.checkpoint import checkpoint_dir, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
-from rto.config import OfflineConfig, to_yaml, validate
+from rto.checkpoint import checkpoint_dir, export_hf, load_checkpoint, save_checkpoint
+from rto.config import OfflineConfig
 from rto.data import epoch_batches, leftover, load_data_rows, load_rows, rank_micro_batches
 from rto.guard import NonFiniteGuard
-from rto.metrics import MetricLogger
+from rto.metrics import run_logger
 from rto.models import load_tokenizer
-from rto.parallel import Dist, all_reduce_sum, clip_grad_norm, init_distributed, named_collectives
+from rto.parallel import Dist, all_reduce_sum, named_collectives
+from rto.run import (
+    ResumeError,
+    StopSignals,
+    Trainable,
+    build_trainable,
+    checkpoint_trainables,
+    resume_path,
+    start_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +62,6 @@ class Context:
     d: Dist
     run_dir: Path
     tokenizer: object
-
-
-def start_run(cfg) -> tuple[Dist, Path]:
-    """Process group, validation against the real world size, logging, run folder with its config.yaml."""
-    d = init_distributed(cfg.parallel.timeout_s)
-    validate(cfg, d.world_size)
-    logging.basicConfig(level=logging.INFO if d.is_main else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
-    run_dir = Path(cfg.run.output_dir) / cfg.run.name
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return d, run_dir
 
 
 def setup(cfg: OfflineConfig) -> Context:
@@ -107,18 +104,6 @@ def split_eval(items: list, cfg: OfflineConfig, eval_items: list | None) -> tupl
     return [items[i] for i in order[:-n_eval]], [items[i] for i in order[-n_eval:]]
 
 
-def cosine_schedule(optimizer, total: int, warmup_ratio: float, min_ratio: float):
-    warmup = int(total * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def evaluate(task: Task, items: Sequence, ctx: Context) -> dict[str, float]:
     """Statistics over the held-out items, split across ranks. Every rank runs the same number of forwards
     (FSDP2 gathers are collectives); ranks short of items repeat one with weight 0."""
@@ -147,36 +132,34 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
     t, o = cfg.train, cfg.optim
     steps_per_epoch = len(train_items) // t.global_batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_items)} training items cannot fill one global batch of "
-                         f"train.global_batch_size={t.global_batch_size}")  # fmt: skip
-    if leftover(len(train_items), t.global_batch_size):
-        log.info("%d of %d training items do not fill a last global batch: each epoch leaves out a different %d "
-                 "(seeded shuffle)", leftover(len(train_items), t.global_batch_size), len(train_items),
-                 leftover(len(train_items), t.global_batch_size))  # fmt: skip
+        n, batch = len(train_items), t.global_batch_size
+        raise ValueError(f"{n} training items cannot fill one global batch of train.global_batch_size={batch}")
+    left = leftover(len(train_items), t.global_batch_size)
+    if left:
+        text = "%d of %d training items do not fill a last global batch: each epoch leaves out a different %d"
+        log.info(text + " (seeded shuffle)", left, len(train_items), left)
     total = t.max_steps or steps_per_epoch * t.epochs
-    params = [p for p in task.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-    scheduler = cosine_schedule(optimizer, total, o.warmup_ratio, o.min_lr_ratio)
+    trainable = build_trainable("model", task.model, o, total)
 
     step = 0
     resume = resume_path(cfg, ctx.run_dir)
     if resume is not None:
-        state = load_checkpoint(resume, {"model": (task.model, optimizer)}, d)
+        state = load_checkpoint(resume, checkpoint_trainables([trainable]), d)
         if state["n_train"] != len(train_items) or state["global_batch_size"] != t.global_batch_size:
-            raise ValueError(f"cannot resume from {resume}: it was trained on {state['n_train']} items with global "
-                             f"batch {state['global_batch_size']}, this run has {len(train_items)} and "
-                             f"{t.global_batch_size}")  # fmt: skip
-        scheduler.load_state_dict(state["scheduler"])
+            raise ResumeError(
+                f"cannot resume from {resume}: it was trained on {state['n_train']} items with global batch "
+                f"{state['global_batch_size']}, this run has {len(train_items)} and {t.global_batch_size}"
+            )
+        trainable.scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
         log.info("resumed from %s at step %d", resume, step)
 
-    logger = MetricLogger(ctx.run_dir, enabled=d.is_main, total_steps=total, initial_step=step,
-                          tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb, progress=cfg.run.progress)  # fmt: skip
+    logger = run_logger(ctx.run_dir, cfg.run, d, total_steps=total, initial_step=step)
     guard = NonFiniteGuard(t.max_nonfinite, str(ctx.run_dir / "checkpoints"))
     metrics: dict[str, float] = {}
     epoch_cache: dict[int, list[list[int]]] = {}
     task.model.train()
-    try:
+    with StopSignals() as stop, logger:
         while step < total:
             epoch, index = divmod(step, steps_per_epoch)
             if epoch not in epoch_cache:
@@ -193,12 +176,10 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
                     (objective * d.world_size / denom).backward()  # FSDP2 averages gradients over ranks
                     for k, v in stats.items():
                         totals[k] = totals.get(k, 0) + v.detach().sum()
-                grad_norm = clip_grad_norm(params, o.grad_clip)
+                grad_norm = trainable.clip()
             first = next(iter(totals))  # the loss-like statistic of the task (loss or nll)
-            if guard.check(step + 1, {f"loss ({first})": totals[first], "gradient norm": grad_norm}):
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            finite = guard.check(step + 1, {f"loss ({first})": totals[first], "gradient norm": grad_norm})
+            trainable.finish(apply=finite)
             step += 1
             logger.advance()
 
@@ -206,43 +187,35 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
                 sums = {k: all_reduce_sum(v, d.device).item() for k, v in totals.items()}  # host sync
                 elapsed = time.perf_counter() - start
                 metrics = {f"train/{k}": v for k, v in task.means(sums).items()}
-                metrics.update({"train/lr": scheduler.get_last_lr()[0], "train/grad_norm": grad_norm.item(),
-                                "train/skipped_updates": guard.total, "time/step_s": elapsed})  # fmt: skip
+                metrics["train/lr"] = trainable.lr
+                metrics["train/grad_norm"] = grad_norm.item()
+                metrics["train/skipped_updates"] = guard.total
+                metrics["time/step_s"] = elapsed
                 if "tokens" in sums:
                     metrics["throughput/tokens_per_s"] = sums["tokens"] / elapsed
                 logger.log(step, metrics)
             if t.eval_every and step % t.eval_every == 0 and step < total:
                 logger.log(step, evaluate(task, eval_items, ctx))
-            if t.save_every and step % t.save_every == 0 and step < total and guard.in_a_row == 0:
-                _save(task, optimizer, scheduler, step, len(train_items), ctx)
+            save = partial(_save, trainable, step, len(train_items), ctx)
+            stop.end_of_step(step, total, t.save_every, guard.in_a_row == 0, save, d.device)
         final = evaluate(task, eval_items, ctx)
         logger.log(step, final)
-        _save(task, optimizer, scheduler, step, len(train_items), ctx)
+        _save(trainable, step, len(train_items), ctx)
         export_hf(task.hf_model, ctx.tokenizer, ctx.run_dir / "hf", d)
         if d.is_main:
             log.info("done: %d steps; HF checkpoint in %s", step, ctx.run_dir / "hf")
         return {**metrics, **final}
-    finally:
-        logger.close()
 
 
-def resume_path(cfg, run_dir: Path) -> Path | None:
-    """The checkpoint run.resume asks for: none, the newest of this run (auto), or a given folder."""
-    if cfg.run.resume is None:
-        return None
-    if cfg.run.resume == "auto":
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            log.info("run.resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
-        return found
-    path = Path(cfg.run.resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"run.resume: no checkpoint folder at {path}")
+def _save(trainable: Trainable, step: int, n_train: int, ctx: Context) -> Path:
+    batch = ctx.cfg.train.global_batch_size
+    state = {
+        "step": step,
+        "scheduler": trainable.scheduler.state_dict(),
+        "n_train": n_train,
+        "global_batch_size": batch,
+    }
+    trainables = checkpoint_trainables([trainable])
+    path = checkpoint_dir(ctx.run_dir, step)
+    save_checkpoint(path, trainables, state, ctx.d, ctx.cfg.run.keep_last)
     return path
-
-
-def _save(task, optimizer, scheduler, step: int, n_train: int, ctx: Context) -> None:
-    state = {"step": step, "scheduler": scheduler.state_dict(), "n_train": n_train,
-             "global_batch_size": ctx.cfg.train.global_batch_size}  # fmt: skip
-    trainables = {"model": (task.model, optimizer)}
-    save_checkpoint(checkpoint_dir(ctx.run_dir, step), trainables, state, ctx.d, ctx.cfg.run.keep_last)

@@ -47,8 +47,14 @@ def build_task(ctx) -> Task:
 
 def pair_stats(losses: torch.Tensor, r_w: torch.Tensor, r_l: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-pair statistics [P] of a preference loss with its rewards (chosen r_w, rejected r_l)."""
-    return {"loss": losses, "correct": (r_w > r_l).float(), "margin": r_w - r_l, "chosen_reward": r_w,
-            "rejected_reward": r_l, "pairs": torch.ones_like(r_w)}  # fmt: skip
+    return {
+        "loss": losses,
+        "correct": (r_w > r_l).float(),
+        "margin": r_w - r_l,
+        "chosen_reward": r_w,
+        "rejected_reward": r_l,
+        "pairs": torch.ones_like(r_w),
+    }
 
 
 def main(cfg: RMConfig) -> dict[str, float]:
