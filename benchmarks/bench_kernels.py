@@ -7,12 +7,14 @@ On CUDA, side by side in one process: median time of `triton.testing.do_bench`, 
 allocated during the call minus what was allocated before it), and the achieved rate against the device's
 measured bf16 matmul rate and copy bandwidth. Variants:
 - linear_logprobs: ours (Triton), eager (materialised logits, fp32 log_softmax, gather), torch.compile of
-  eager, Liger's fused linear cross-entropy with reduction="none" (when importable), and the bare matmul.
+  eager, Liger's fused linear cross-entropy with reduction="none" (when importable), and the bare matmul; for
+  each head (`--heads`): plain, and with the head transforms of some model families (a bias [V], a logit
+  multiplier and a softcap, alone and together), where ours is also timed against our plain head.
 - rto_advantages: ours (Triton, one pass), the Python loop over time that peer trainers use (vectorised
   rewards, then GAE step by step), its torch.compile (short rows only: compiling a 2048-step unrolled loop
   takes too long to be a fair baseline), and the memory floor (bytes that must move / copy bandwidth).
-On CPU the Triton kernels do not run compiled, so the script times the reference path at small shapes and
-says that GPU numbers need a GPU. Results go to benchmarks/results/kernels_<device>_<date>.{json,md}.
+On CPU the Triton kernels do not run compiled, so the script times eager and our chunked CPU path at small shapes
+and says that GPU numbers need a GPU. Results go to benchmarks/results/kernels_<device>_<date>.{json,md}.
 """
 
 from __future__ import annotations
@@ -86,17 +88,27 @@ def device_peaks(device: str, quick: bool) -> dict:
 # ---- linear_logprobs ----
 
 
-def eager_head(hidden, weight, targets):
-    """Peer-style head: materialised logits, fp32 log_softmax, gather."""
-    logits = hidden @ weight.T  # [N, V]
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+# Head transforms (docs/kernels.md): name -> keyword arguments of linear_logprobs, given the bias [V].
+HEADS = {
+    "plain": lambda bias: {},
+    "bias": lambda bias: dict(bias=bias),  # Phi, GPT-J
+    "softcap": lambda bias: dict(softcap=30.0),  # Gemma 2 and 3
+    "bias+scale+softcap": lambda bias: dict(bias=bias, logit_scale=0.0625, softcap=30.0),  # every flag at once
+}
 
 
-def ours_head(hidden, weight, targets):
-    return rto_kernels.linear_logprobs(hidden, weight, targets)
+def eager_head(hidden, weight, targets, bias=None, logit_scale=1.0, softcap=None):
+    """Peer-style head: materialised logits, the head transform, fp32 log_softmax, gather."""
+    logits = hidden @ weight.T if bias is None else hidden @ weight.T + bias  # [N, V]
+    logits = reference.head_logits(logits.float(), logit_scale=logit_scale, softcap=softcap)
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def bare_matmul(hidden, weight, targets):
+def ours_head(hidden, weight, targets, **head):
+    return rto_kernels.linear_logprobs(hidden, weight, targets, **head)
+
+
+def bare_matmul(hidden, weight, targets, **head):
     return hidden @ weight.T
 
 
@@ -114,35 +126,41 @@ def liger_head():
     return head
 
 
-def bench_linear(N: int, H: int, V: int, dtype: torch.dtype, device: str, peaks: dict) -> list[dict]:
+def bench_linear(N: int, H: int, V: int, dtype: torch.dtype, device: str, peaks: dict, head_name: str) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(N, H, device=device, dtype=dtype, generator=gen)
     weight = torch.randn(V, H, device=device, dtype=dtype, generator=gen) / H**0.5
+    bias = torch.randn(V, device=device, dtype=dtype, generator=gen)
     targets = torch.randint(0, V, (N,), device=device, generator=gen)
     grad_out = torch.randn(N, device=device, generator=gen)
-    variants: dict[str, Callable | None] = {"rto (ours)": ours_head} if rto_kernels.use_triton(hidden) else {}
-    variants["eager"] = eager_head
+    head = HEADS[head_name](bias)
+    ours = "rto (ours)" if rto_kernels.use_triton(hidden) else "rto chunked (CPU path)"
+    variants: dict[str, Callable | None] = {ours: ours_head, "eager": eager_head}
     if device == "cuda":
         variants["torch.compile(eager)"] = torch.compile(eager_head, dynamic=False)
-        variants["liger fused linear CE"] = liger_head()
-    variants["bare matmul"] = bare_matmul
+        if head_name == "plain":
+            variants["liger fused linear CE"] = liger_head()
+    if head_name == "plain":
+        variants["bare matmul"] = bare_matmul
 
     rows = []
     shape = f"N={N} H={H} V={V} {str(dtype).removeprefix('torch.')}"
-    for name, head in variants.items():
-        if head is None:
-            rows.append(dict(op="linear_logprobs", shape=shape, variant=name, mode="-", note="not installed"))
+    for name, fn_head in variants.items():
+        if fn_head is None:
+            rows.append(
+                dict(op="linear_logprobs", shape=shape, head=head_name, variant=name, mode="-", note="not installed")
+            )
             continue
-        h = hidden.detach().requires_grad_()
-        w = weight.detach().requires_grad_()
+        leaves = [x.detach().requires_grad_() for x in (hidden, weight, bias)]
 
-        def fwd(head=head):
+        def fwd(fn_head=fn_head):
             with torch.no_grad():
-                return head(hidden, weight, targets)
+                return fn_head(hidden, weight, targets, **head)
 
-        def fwd_bwd(head=head, h=h, w=w):
-            h.grad = w.grad = None
-            out = head(h, w, targets)
+        def fwd_bwd(fn_head=fn_head, leaves=leaves):
+            h, w, b = leaves
+            h.grad = w.grad = b.grad = None
+            out = fn_head(h, w, targets, **HEADS[head_name](b))
             g = grad_out if out.ndim == 1 else torch.ones_like(out)
             out.backward(g.to(out.dtype))
 
@@ -152,6 +170,7 @@ def bench_linear(N: int, H: int, V: int, dtype: torch.dtype, device: str, peaks:
             row = dict(
                 op="linear_logprobs",
                 shape=shape,
+                head=head_name,
                 variant=name,
                 mode=mode,
                 ms=ms,
@@ -162,7 +181,7 @@ def bench_linear(N: int, H: int, V: int, dtype: torch.dtype, device: str, peaks:
             if "matmul_bf16_tflops" in peaks:
                 row["pct_of_peak"] = 100 * tflops / peaks["matmul_bf16_tflops"]
             rows.append(row)
-        del h, w
+        del leaves
     return rows
 
 
@@ -191,45 +210,22 @@ def bench_advantages(B: int, T: int, device: str, peaks: dict, compile_loop: boo
 
     # must move: 4 fp32 inputs + bool mask in, 3 fp32 outputs out, per token; the score per row
     floor_bytes = B * T * (4 * 4 + 1 + 3 * 4) + B * 4
-    shape = f"B={B} T={T} fp32"
+    base = dict(op="rto_advantages", shape=f"B={B} T={T} fp32", head="-")
     rows = []
     if "copy_gbps" in peaks:
+        floor_ms = floor_bytes / peaks["copy_gbps"] / 1e6
         rows.append(
-            dict(
-                op="rto_advantages",
-                shape=shape,
-                variant="memory floor",
-                mode="fwd",
-                ms=floor_bytes / peaks["copy_gbps"] / 1e6,
-                rate=peaks["copy_gbps"],
-                rate_unit="GB/s",
-            )
+            dict(base, variant="memory floor", mode="fwd", ms=floor_ms, rate=peaks["copy_gbps"], rate_unit="GB/s")
         )
     for name, fn in variants.items():
         if fn is None:
-            rows.append(
-                dict(
-                    op="rto_advantages",
-                    shape=shape,
-                    variant=name,
-                    mode="-",
-                    note="not run: compiling a 2048-step unrolled loop takes too long",
-                )
-            )
+            note = "not run: compiling a 2048-step unrolled loop takes too long"
+            rows.append(dict(base, variant=name, mode="-", note=note))
             continue
         ms = time_ms(fn, device)
-        rows.append(
-            dict(
-                op="rto_advantages",
-                shape=shape,
-                variant=name,
-                mode="fwd",
-                ms=ms,
-                extra_peak_mib=extra_peak_mb(fn, device),
-                rate=floor_bytes / ms / 1e6,
-                rate_unit="GB/s",
-            )
-        )
+        peak = extra_peak_mb(fn, device)
+        rate = floor_bytes / ms / 1e6
+        rows.append(dict(base, variant=name, mode="fwd", ms=ms, extra_peak_mib=peak, rate=rate, rate_unit="GB/s"))
     return rows
 
 
@@ -252,25 +248,23 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+OURS = ("rto (ours)", "rto chunked (CPU path)")
+
+
 def add_ratios(rows: list[dict]) -> None:
-    """Speed-up of each variant over the first one timed in its (op, shape, mode) group that is not ours."""
-    for row in rows:
-        if "ms" not in row or row["variant"] == "memory floor":
-            continue
-        base = next(
-            (
-                r
-                for r in rows
-                if r["op"] == row["op"]
-                and r["shape"] == row["shape"]
-                and r["mode"] == row["mode"]
-                and "ms" in r
-                and r["variant"] not in ("rto (ours)", "memory floor")
-            ),
-            None,
-        )
+    """Speed-up of each variant over the first one timed in its (op, shape, head, mode) group that is not ours, and
+    for ours with a head transform, its time over our plain head's (the transforms' cost)."""
+    timed = [r for r in rows if "ms" in r and r["variant"] != "memory floor"]
+    for row in timed:
+        group = [r for r in timed if all(r[k] == row[k] for k in ("op", "shape", "head", "mode"))]
+        base = next((r for r in group if r["variant"] not in OURS), None)
         if base is not None:
             row["speedup_vs_" + base["variant"].split(" ")[0]] = base["ms"] / row["ms"]
+        if row["variant"] in OURS and row["head"] not in ("plain", "-"):
+            plain = [r for r in timed if r["head"] == "plain" and all(r[k] == row[k] for k in ("op", "shape", "mode"))]
+            plain = [r for r in plain if r["variant"] == row["variant"]]
+            if plain:
+                row["time_vs_plain_head"] = row["ms"] / plain[0]["ms"]
 
 
 def markdown(meta: dict, rows: list[dict]) -> str:
@@ -291,21 +285,25 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines += [
         meta["note"],
         "",
-        "| op | shape | variant | mode | ms (median) | extra peak MiB | rate | % of peak | speed-up vs baseline |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| op | shape | head | variant | mode | ms (median) | extra peak MiB | rate | % of peak | speed-up vs baseline "
+        "| time vs plain head |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "ms" not in r:
-            lines.append(f"| {r['op']} | {r['shape']} | {r['variant']} | - | {r.get('note', '')} | | | | |")
+            lines.append(
+                f"| {r['op']} | {r['shape']} | {r['head']} | {r['variant']} | - | {r.get('note', '')} | | | | | |"
+            )
             continue
         peak = "" if r.get("extra_peak_mib") is None else f"{r['extra_peak_mib']:.0f}"
         pct = f"{r['pct_of_peak']:.0f}%" if "pct_of_peak" in r else ""
         if r["op"] == "rto_advantages" and "copy_gbps" in meta.get("peaks", {}):
             pct = f"{100 * r['rate'] / meta['peaks']['copy_gbps']:.0f}%"
         speed = next((f"{v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_")), "")
+        vs_plain = f"{r['time_vs_plain_head']:.2f}x" if "time_vs_plain_head" in r else ""
         lines.append(
-            f"| {r['op']} | {r['shape']} | {r['variant']} | {r['mode']} | {r['ms']:.3f} | {peak} | "
-            f"{r['rate']:.2f} {r['rate_unit']} | {pct} | {speed} |"
+            f"| {r['op']} | {r['shape']} | {r['head']} | {r['variant']} | {r['mode']} | {r['ms']:.3f} | {peak} | "
+            f"{r['rate']:.2f} {r['rate_unit']} | {pct} | {speed} | {vs_plain} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -314,7 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes only (CI smoke test)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the JSON and markdown results")
+    parser.add_argument(
+        "--heads",
+        default=",".join(HEADS),
+        help=f"comma-separated head variants of linear_logprobs (default: all of {', '.join(HEADS)})",
+    )
     args = parser.parse_args(argv)
+    heads = [h for h in args.heads.split(",") if h]
+    unknown = [h for h in heads if h not in HEADS]
+    if unknown:
+        parser.error(f"--heads: unknown head {unknown[0]!r}; choose from {', '.join(HEADS)}")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if rto_kernels.interpreting():
@@ -331,15 +338,16 @@ def main(argv: list[str] | None = None) -> int:
         linear_shapes = [(128, 64, 2048)] if args.quick else [(512, 256, 8192)]
         adv_shapes = [(8, 64)] if args.quick else [(64, 256)]
         note = (
-            "CPU run: the reference (eager) path only, at small shapes. The Triton kernels run compiled only "
+            "CPU run: eager and our chunked CPU path, at small shapes. The Triton kernels run compiled only "
             "on a GPU: GPU numbers need a GPU (run this script on a CUDA machine)."
         )
         dtype = torch.float32
     for N, H, V in linear_shapes:
-        print(f"linear_logprobs N={N} H={H} V={V} ...", file=sys.stderr)
-        rows += bench_linear(N, H, V, dtype, device, peaks)
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        for head in heads:
+            print(f"linear_logprobs N={N} H={H} V={V} head={head} ...", file=sys.stderr)
+            rows += bench_linear(N, H, V, dtype, device, peaks, head)
+            if device == "cuda":
+                torch.cuda.empty_cache()
     for B, T in adv_shapes:
         print(f"rto_advantages B={B} T={T} ...", file=sys.stderr)
         rows += bench_advantages(B, T, device, peaks, compile_loop=T <= 256)
@@ -356,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         peaks=peaks,
         note=note,
         quick=args.quick,
-        command="python benchmarks/bench_kernels.py" + (" --quick" if args.quick else ""),
+        command="python benchmarks/bench_kernels.py"
+        + (" --quick" if args.quick else "")
+        + f" --heads {','.join(heads)}",
     )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"kernels_{slug}_{date}{'_quick' if args.quick else ''}"

@@ -169,26 +169,11 @@ def peer_engine_class():
 
 
 def peer_advantages(s, mask, cfg):
-    from rto.advantages import whiten
+    """The same rewards and GAE through the unfused PyTorch reference (vectorised rewards, a loop over time)."""
+    from rto.advantages import compute_advantages
     from rto_kernels import reference
 
-    r = cfg.rewards
-    rewards, adv, returns = reference.rto_advantages(
-        s.logp_old,
-        s.logp_ref,
-        s.logp_dpo,
-        s.score,
-        s.values,
-        mask,
-        kl_coef=r.kl_coef,
-        dpo_scale=r.dpo_scale,
-        dpo_clip=r.dpo_clip,
-        score_clip=r.score_clip,
-        shaping=cfg.algo,
-        gamma=r.gamma,
-        lam=r.lam,
-    )
-    return rewards, whiten(adv, mask), returns
+    return compute_advantages(s, mask, cfg, op=reference.rto_advantages)
 
 
 def per_parameter_sync(lm, engine_copy) -> None:

@@ -5,6 +5,8 @@ Only metadata is inspected, never values, so the checks cost no host sync.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -16,27 +18,53 @@ def _require_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
 
 
-def check_logprob_inputs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+def check_head_options(op: str, logit_scale: float, softcap: float | None, temperature: float) -> None:
+    """The head transform's settings (docs/kernels.md): finite numbers > 0 (softcap None: no softcap)."""
+    for name, value in (("logit_scale", logit_scale), ("softcap", softcap), ("temperature", temperature)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{op}: {name} must be a finite number > 0, got {value}")
+
+
+def check_logprob_inputs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    op: str = "logprobs_from_logits",
+) -> None:
     if logits.ndim != 2:
-        raise ValueError(f"logits must be [N, V], got shape {tuple(logits.shape)}")
+        raise ValueError(f"{op}: logits must be [N, V], got shape {tuple(logits.shape)}")
     _require_float("logits", logits)
     if targets.shape != logits.shape[:1]:
-        raise ValueError(f"targets must be [N]={logits.shape[0]}, got shape {tuple(targets.shape)}")
+        raise ValueError(f"{op}: targets must be [N]={logits.shape[0]}, got shape {tuple(targets.shape)}")
     if targets.dtype != torch.int64:
-        raise TypeError(f"targets must be int64, got {targets.dtype}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise TypeError(f"{op}: targets must be int64, got {targets.dtype}")
+    check_head_options(op, logit_scale, softcap, temperature)
 
 
-def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+def check_linear_inputs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+) -> None:
+    op = "linear_logprobs"
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"linear_logprobs: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and "
-            f"{tuple(weight.shape)}"
+            f"{op}: hidden must be [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"linear_logprobs: hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
-    check_logprob_inputs(hidden.new_empty(hidden.shape[0], 0), targets, temperature)
+        raise TypeError(f"{op}: hidden and weight must share a dtype, got {hidden.dtype} and {weight.dtype}")
+    check_logprob_inputs(hidden.new_empty(hidden.shape[0], 0), targets, temperature, logit_scale, softcap, op)
+    V = weight.shape[0]
+    if bias is not None and (bias.shape != (V,) or bias.dtype != weight.dtype):
+        raise ValueError(
+            f"{op}: bias must be [V]={V} of the weight's dtype {weight.dtype}, got {bias.dtype} {tuple(bias.shape)}"
+        )
 
 
 def check_gae_inputs(

@@ -2,7 +2,7 @@
 
 They are the CPU path of the trainer and the oracle of the kernel tests, so they favour clarity over
 speed and run in any floating dtype, float64 included. Outputs are float32, or float64 for float64
-inputs. Mask semantics (see DESIGN.md): masked inputs never reach an output (select, never multiply),
+inputs. Mask semantics (docs/kernels.md): masked inputs never reach an output (select, never multiply),
 masked outputs are exactly 0, GAE skips masked positions and the sequence score goes to a row's last
 valid position.
 """
@@ -13,7 +13,15 @@ import torch
 
 from rto_kernels._checks import check_advantage_inputs, check_gae_inputs, check_linear_inputs, check_logprob_inputs
 
-__all__ = ["gae", "linear_logprobs", "logprobs_from_logits", "rto_advantages", "token_rewards"]
+__all__ = [
+    "dpo_token_reward",
+    "gae",
+    "head_logits",
+    "linear_logprobs",
+    "logprobs_from_logits",
+    "rto_advantages",
+    "token_rewards",
+]
 
 
 def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
@@ -21,19 +29,34 @@ def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def head_logits(
+    logits: torch.Tensor, *, logit_scale: float = 1.0, softcap: float | None = None, temperature: float = 1.0
+) -> torch.Tensor:
+    """The logits the softmax runs over, from a head's raw logits [N, V]: times `logit_scale`, then softcapped
+    (softcap * tanh(z / softcap)) when a softcap is given, then over the temperature; in the input's dtype."""
+    z = logits if logit_scale == 1.0 else logits * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z if temperature == 1.0 else z / temperature
+
+
 def logprobs_from_logits(
     logits: torch.Tensor,
     targets: torch.Tensor,
     *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log_softmax(logits / temperature)[i, targets[i]] (and the entropy of each row).
+    """log_softmax(head_logits(logits))[i, targets[i]] (and the entropy of each row).
 
     logits [N, V] any float dtype; targets [N] int64 in [0, V). Returns logp [N] (, entropy [N]).
     """
-    check_logprob_inputs(logits, targets, temperature)
-    scaled = logits.to(_acc_dtype(logits)) / temperature  # [N, V]
+    check_logprob_inputs(logits, targets, temperature, logit_scale, softcap)
+    scaled = head_logits(
+        logits.to(_acc_dtype(logits)), logit_scale=logit_scale, softcap=softcap, temperature=temperature
+    )
     logp_all = torch.log_softmax(scaled, dim=-1)  # [N, V]
     logp = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [N]
     if not return_entropy:
@@ -47,18 +70,36 @@ def linear_logprobs(
     weight: torch.Tensor,
     targets: torch.Tensor,
     *,
+    bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     temperature: float = 1.0,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log_softmax(hidden @ weight.T / temperature)[i, targets[i]] (and entropy).
+    """log_softmax(head_logits(hidden @ weight.T + bias))[i, targets[i]] (and entropy).
 
-    hidden [N, H], weight [V, H], targets [N] int64. The reference materialises the [N, V] logits in
-    the accumulation dtype; the Triton kernel never does.
+    hidden [N, H], weight [V, H], bias [V] or None, targets [N] int64. The reference materialises the [N, V]
+    logits in the accumulation dtype; the Triton kernel never does.
     """
-    check_linear_inputs(hidden, weight, targets, temperature)
+    check_linear_inputs(hidden, weight, targets, temperature, bias, logit_scale, softcap)
     acc = _acc_dtype(hidden, weight)
     logits = hidden.to(acc) @ weight.to(acc).T  # [N, V]
-    return logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy)
+    if bias is not None:
+        logits = logits + bias.to(acc)
+    head = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature)
+    return logprobs_from_logits(logits, targets, **head, return_entropy=return_entropy)
+
+
+def dpo_token_reward(
+    dpo_logp: torch.Tensor, ref_logp: torch.Tensor, *, scale: float, clip: float | None
+) -> torch.Tensor:
+    """The DPO token term clip(scale * (dpo_logp - ref_logp), -clip, clip) [B, T] (no clip when clip is None).
+
+    fp32 (fp64 for fp64 inputs); no mask: callers select the valid positions (docs/algorithm.md).
+    """
+    acc = _acc_dtype(dpo_logp, ref_logp)
+    z = scale * (dpo_logp.to(acc) - ref_logp.to(acc))  # [B, T]
+    return z if clip is None else z.clamp(-clip, clip)
 
 
 def _kl(d: torch.Tensor, estimator: str) -> torch.Tensor:
@@ -92,7 +133,7 @@ def token_rewards(
 ) -> torch.Tensor:
     """Per-token reward [B, T]: -kl_coef * KL + DPO token term (per `shaping`) + clipped score at the last token.
 
-    logp, ref_logp, dpo_logp [B, T]; score [B]; mask [B, T] bool. See DESIGN.md for the shapings.
+    logp, ref_logp, dpo_logp [B, T]; score [B]; mask [B, T] bool. The shapings: docs/algorithm.md.
     """
     check_advantage_inputs(logp, ref_logp, dpo_logp, score, mask, kl_estimator=kl_estimator, shaping=shaping)
     acc = _acc_dtype(logp, ref_logp, dpo_logp, score)
@@ -103,9 +144,7 @@ def token_rewards(
     last = _last_valid(mask)  # [B, T]
 
     if shaping != "ppo":
-        z = torch.where(mask, dpo_scale * (dpo_logp.to(acc) - ref), zero)  # [B, T]
-        if dpo_clip is not None:
-            z = z.clamp(-dpo_clip, dpo_clip)
+        z = torch.where(mask, dpo_token_reward(dpo_logp, ref, scale=dpo_scale, clip=dpo_clip), zero)  # [B, T]
         z_sum = z.sum(dim=1, keepdim=True)  # [B, 1]
         if shaping == "rto":
             rewards = rewards + z

@@ -8,6 +8,8 @@ Advantages are then whitened with the masked mean and variance over all ranks; r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -16,11 +18,14 @@ from rto.config import PPOConfig
 from rto.scoring import Scored
 
 
-def compute_advantages(s: Scored, mask: torch.Tensor, cfg: PPOConfig) -> tuple[torch.Tensor, ...]:
-    """Returns (rewards, advantages, returns), each [B, T] fp32, zero off the response tokens."""
+def compute_advantages(
+    s: Scored, mask: torch.Tensor, cfg: PPOConfig, op: Callable = rto_kernels.rto_advantages
+) -> tuple[torch.Tensor, ...]:
+    """Returns (rewards, advantages, returns), each [B, T] fp32, zero off the response tokens. `op` is the fused
+    kernel; the step benchmark's peer-style variant passes the unfused PyTorch reference of the same signature."""
     r = cfg.rewards
     reinforce = cfg.estimator == "reinforce++"
-    rewards, adv, returns = rto_kernels.rto_advantages(
+    rewards, adv, returns = op(
         s.logp_old,
         s.logp_ref,
         s.logp_dpo if cfg.algo != "ppo" else None,

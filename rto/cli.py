@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False) or os.environ.get("RTO_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)
+    except BrokenPipeError:  # the reader of our output went away (`rto ppo --help-config | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:  # Ctrl-C outside a training loop (those stop at the end of a step)
         if debug:
             raise

@@ -60,3 +60,23 @@ def make_rl_assets(root: Path, n_prompts: int = 64, seed: int = 0) -> dict[str, 
     tiny_causal_lm(len(tok), seed=seed + 7).save_pretrained(paths["dpo"])
     tok.save_pretrained(paths["dpo"])
     return paths
+
+
+def small_ppo_args(rl: dict, out: Path, name: str, *extra: str) -> list[str]:
+    """`rto ppo --recipe toy` settings for a small run on `make_rl_assets` outputs: 16 prompts x 8 new tokens a
+    step, minibatches of 8, no progress bar or tensorboard."""
+    return [
+        f"actor.path={rl['model']}",
+        f"reward={rl['reward']}",
+        f"dpo={rl['dpo']}",
+        f"data.path={rl['prompts']}",
+        f"run.output_dir={out}",
+        f"run.name={name}",
+        "rollout.prompts_per_step=16",
+        "rollout.max_new_tokens=8",
+        "train.train_batch_size=8",
+        "train.micro_batch_size=8",
+        "run.progress=false",
+        "run.tensorboard=false",
+        *extra,
+    ]

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from rto.checkpoint import latest_checkpoint
-from tests.assets import make_assets, make_rl_assets
+from tests.assets import make_assets, make_rl_assets, small_ppo_args
 from tests.test_trainers import metrics, run_args
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -67,23 +67,7 @@ def test_sigterm_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(as
 
 def test_sigint_stops_a_ppo_run_with_a_checkpoint_and_resume_finishes(tmp_path):
     rl = make_rl_assets(tmp_path / "rl", n_prompts=32)
-    settings = [
-        f"actor.path={rl['model']}",
-        f"reward={rl['reward']}",
-        f"dpo={rl['dpo']}",
-        f"data.path={rl['prompts']}",
-        f"run.output_dir={tmp_path}",
-        "run.name=p",
-        "rollout.prompts_per_step=16",
-        "rollout.max_new_tokens=8",
-        "train.steps=40",
-        "train.train_batch_size=8",
-        "train.micro_batch_size=8",
-        "train.save_every=20",
-        "train.log_every=1",
-        "run.progress=false",
-        "run.tensorboard=false",
-    ]
+    settings = small_ppo_args(rl, tmp_path, "p", "train.steps=40", "train.save_every=20", "train.log_every=1")
     cmd = [sys.executable, "-m", "rto", "ppo", "--recipe", "toy", *settings]
     run_dir = tmp_path / "p"
     # no periodic checkpoint before step 20: the one written after step 1+ comes from the signal

@@ -18,7 +18,7 @@ from rto.config import load_config
 from rto.guard import NonFiniteError
 from rto.models import PolicyModel
 from rto.trainers import ppo, sft
-from tests.assets import make_assets, make_rl_assets
+from tests.assets import make_assets, make_rl_assets, small_ppo_args
 from tests.test_trainers import metrics, run_args
 
 
@@ -84,26 +84,7 @@ def test_nan_rewards_skip_a_ppo_update(tmp_path, monkeypatch):
         return s
 
     monkeypatch.setattr(ppo, "score_rollout", score)
-    c = load_config(
-        "ppo",
-        "toy",
-        [
-            f"actor.path={rl['model']}",
-            f"reward={rl['reward']}",
-            f"dpo={rl['dpo']}",
-            f"data.path={rl['prompts']}",
-            f"run.output_dir={tmp_path}",
-            "run.name=p",
-            "rollout.prompts_per_step=16",
-            "rollout.max_new_tokens=8",
-            "train.steps=3",
-            "train.train_batch_size=8",
-            "train.micro_batch_size=8",
-            "train.log_every=1",
-            "run.progress=false",
-            "run.tensorboard=false",
-        ],
-    )
+    c = load_config("ppo", "toy", small_ppo_args(rl, tmp_path, "p", "train.steps=3", "train.log_every=1"))
     ppo.main(c)
     assert [r["train/skipped_updates"] for r in metrics(tmp_path / "p")] == [0, 1, 1]
 
@@ -225,23 +206,7 @@ def test_sigkill_during_ppo_then_resume_matches_an_uninterrupted_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def cmd(name, *extra):
-        settings = [
-            f"actor.path={rl['model']}",
-            f"reward={rl['reward']}",
-            f"dpo={rl['dpo']}",
-            f"data.path={rl['prompts']}",
-            f"run.output_dir={tmp_path}",
-            f"run.name={name}",
-            "rollout.prompts_per_step=16",
-            "rollout.max_new_tokens=8",
-            "train.steps=12",
-            "train.train_batch_size=8",
-            "train.micro_batch_size=8",
-            "train.save_every=1",
-            "run.keep_last=3",
-            "run.progress=false",
-            "run.tensorboard=false",
-        ]
+        settings = small_ppo_args(rl, tmp_path, name, "train.steps=12", "train.save_every=1", "run.keep_last=3")
         return [sys.executable, "-m", "rto", "ppo", "--recipe", "toy", *settings, *extra]
 
     subprocess.run(cmd("clean"), check=True, env=env, capture_output=True, timeout=600)

@@ -165,10 +165,10 @@ def test_public_ops_dispatch_to_triton(gen, device, monkeypatch):
     for name in ("token_rewards", "gae", "rto_advantages"):
         monkeypatch.setattr(reference, name, refuse)
     kw = dict(kl_coef=0.1, dpo_scale=1.0, dpo_clip=None, score_clip=None)
-    rewards, adv, ret = rto_kernels.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw, gamma=1.0,
-                                                   lam=0.9)  # fmt: skip
+    gae_kw = dict(gamma=1.0, lam=0.9)
+    rewards, adv, ret = rto_kernels.rto_advantages(logp, ref_logp, dpo_logp, score, values, mask, **kw, **gae_kw)
     torch.testing.assert_close(rto_kernels.token_rewards(logp, ref_logp, dpo_logp, score, mask, **kw), rewards)
-    torch.testing.assert_close(rto_kernels.gae(rewards, values, mask, gamma=1.0, lam=0.9), (adv, ret))
+    torch.testing.assert_close(rto_kernels.gae(rewards, values, mask, **gae_kw), (adv, ret))
 
 
 def test_bad_arguments_raise_clear_errors(gen):
@@ -186,6 +186,18 @@ def test_bad_arguments_raise_clear_errors(gen):
         rto_kernels.token_rewards(logp, ref_logp, dpo_logp, score[:1], mask, **kw)
     with pytest.raises(ValueError, match="values must have shape"):
         rto_kernels.gae(logp, values[:, :3], mask, gamma=1.0, lam=1.0)
+
+
+def test_dpo_token_reward_by_hand():
+    # the one PyTorch definition of the clipped DPO token term, which the reference's token_rewards uses
+    dpo = torch.tensor([[0.0, 1.0, -3.0], [0.5, 0.5, 0.5]])
+    ref = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.3, 0.5]])
+    clipped = rto_kernels.dpo_token_reward(dpo.bfloat16(), ref.bfloat16(), scale=0.5, clip=0.2)
+    assert clipped.dtype == torch.float32
+    torch.testing.assert_close(clipped, torch.tensor([[0.0, 0.2, -0.2], [-0.2, 0.1, 0.0]]), rtol=0, atol=2e-3)
+    free = rto_kernels.dpo_token_reward(dpo.double(), ref.double(), scale=0.5, clip=None)
+    assert free.dtype == torch.float64
+    torch.testing.assert_close(free, torch.tensor([[0.0, 0.5, -1.5], [-0.25, 0.1, 0.0]], dtype=torch.float64))
 
 
 @pytest.mark.parametrize("device", DEVICES)

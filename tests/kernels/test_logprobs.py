@@ -6,79 +6,29 @@ import pytest
 import torch
 
 import rto_kernels
-from rto_kernels import logprobs as lp_mod
+from rto_kernels import linear_logprobs_op as lp_mod
 from rto_kernels import reference
-from tests.kernels._util import DEVICES, assert_close_to_truth
-
-# Absolute floors per dtype; the bound is max(floor, 2 x eager's error in the same dtype).
-ATOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-
-
-def _linear_case(gen, N, H, V, dtype, device, offset=0.0, spread=None):
-    """hidden [N, H], weight [V, H], targets [N]. With `offset`/`spread`, the last hidden column is 1 and
-    the last weight column adds a per-vocabulary logit offset (all logits near `offset`, or spread)."""
-    hidden = torch.randn(N, H, generator=gen, dtype=torch.float64)
-    weight = torch.randn(V, H, generator=gen, dtype=torch.float64) / H**0.5
-    if offset or spread:
-        hidden[:, -1] = 1.0
-        bias = torch.full((V,), offset, dtype=torch.float64)
-        if spread:
-            bias += (torch.rand(V, generator=gen, dtype=torch.float64) - 0.5) * spread
-        weight[:, -1] = bias
-    targets = torch.randint(0, V, (N,), generator=gen)
-    return hidden.to(dtype).to(device), weight.to(dtype).to(device), targets.to(device)
-
-
-def _run(fn, inputs, g_logp, g_ent, **kw):
-    """Forward with entropy, backward of sum(g_logp * logp + g_ent * entropy); returns outputs and grads."""
-    leaves = [x.detach().requires_grad_(x.is_floating_point()) for x in inputs]
-    logp, ent = fn(*leaves, **kw, return_entropy=True)
-    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
-    return [logp.detach(), ent.detach()] + [x.grad for x in leaves]
-
-
-def _eager_logits(logits, targets, *, temperature, return_entropy):
-    """Peer-style log-probs in the input dtype: log_softmax of the full logits, then gather."""
-    logp_all = torch.log_softmax(logits / temperature, dim=-1)
-    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
-
-
-def _eager_linear(hidden, weight, targets, *, temperature, return_entropy):
-    """Peer-style head: materialised logits in the input dtype, then as above."""
-    return _eager_logits(hidden @ weight.T, targets, temperature=temperature, return_entropy=return_entropy)
-
-
-def _check_against_truth(triton_fn, eager_fn, ref_fn, inputs, gen, temperature, atol, names):
-    N = inputs[0].shape[0]
-    device = inputs[0].device
-    g_logp = torch.randn(N, generator=gen, dtype=torch.float64).to(device)
-    g_ent = torch.randn(N, generator=gen, dtype=torch.float64).to(device)
-    got = _run(triton_fn, inputs, g_logp.float(), g_ent.float(), temperature=temperature)
-    eager = _run(eager_fn, inputs, g_logp.to(inputs[0].dtype), g_ent.to(inputs[0].dtype), temperature=temperature)
-    truth = _run(
-        ref_fn, [x.double() if x.is_floating_point() else x for x in inputs], g_logp, g_ent, temperature=temperature
-    )
-    for name, out, e, t in zip(["logp", "entropy"] + names, got, eager, truth):
-        if t is None:
-            continue
-        assert_close_to_truth(name, out, t, e, atol)
-    for x, g in zip(inputs, got[2:]):
-        if g is not None:
-            assert g.dtype == x.dtype, f"gradient dtype {g.dtype} != input dtype {x.dtype}"
-    return got
+from tests.kernels._util import (
+    DEVICES,
+    assert_close_to_truth,
+    check_against_truth,
+    eager_linear,
+    eager_logits,
+    linear_case,
+)
+from tests.kernels._util import LOGPROB_ATOL as ATOL
 
 
 def _check_linear(inputs, gen, temperature, atol):
     names = ["grad_hidden", "grad_weight", None]
-    _check_against_truth(rto_kernels.linear_logprobs, _eager_linear, reference.linear_logprobs, inputs, gen,
-                         temperature, atol, names)  # fmt: skip
+    ops = (rto_kernels.linear_logprobs, eager_linear, reference.linear_logprobs)
+    check_against_truth(*ops, inputs, gen, atol, names, temperature=temperature)
 
 
 def _check_logits(inputs, gen, temperature, atol):
     names = ["grad_logits", None]
-    _check_against_truth(rto_kernels.logprobs_from_logits, _eager_logits, reference.logprobs_from_logits, inputs,
-                         gen, temperature, atol, names)  # fmt: skip
+    ops = (rto_kernels.logprobs_from_logits, eager_logits, reference.logprobs_from_logits)
+    check_against_truth(*ops, inputs, gen, atol, names, temperature=temperature)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -94,7 +44,7 @@ def _check_logits(inputs, gen, temperature, atol):
     ],
 )
 def test_linear_logprobs_matches_fp64(gen, device, N, H, V, temperature, dtype):
-    inputs = _linear_case(gen, N, H, V, dtype, device)
+    inputs = linear_case(gen, N, H, V, dtype, device)
     _check_linear(inputs, gen, temperature, ATOL[dtype])
 
 
@@ -102,7 +52,7 @@ def test_linear_logprobs_matches_fp64(gen, device, N, H, V, temperature, dtype):
 @pytest.mark.parametrize("kind", ["around_-1e4", "spread_1e4"])
 def test_linear_logprobs_extreme_logits(gen, device, kind):
     offset, spread = (-1e4, None) if kind == "around_-1e4" else (0.0, 1e4)
-    inputs = _linear_case(gen, 19, 24, 300, torch.float32, device, offset=offset, spread=spread)
+    inputs = linear_case(gen, 19, 24, 300, torch.float32, device, offset=offset, spread=spread)
     # at |logit| ~ 1e4 one fp32 ulp is ~1e-3: the floor scales with the magnitude
     _check_linear(inputs, gen, 1.0, 1e-2)
 
@@ -111,7 +61,7 @@ def test_linear_logprobs_extreme_logits(gen, device, kind):
 def test_linear_logprobs_without_entropy_chunked_backward(gen, device, monkeypatch):
     # A tiny chunk budget forces the backward through several vocabulary chunks.
     monkeypatch.setattr(lp_mod, "DZ_CHUNK_BYTES", 64 * 4 * 23)
-    hidden, weight, targets = _linear_case(gen, 23, 20, 500, torch.float32, device)
+    hidden, weight, targets = linear_case(gen, 23, 20, 500, torch.float32, device)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h2, w2 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     g = torch.randn(23, generator=gen).to(device)
@@ -127,7 +77,7 @@ def test_linear_logprobs_without_entropy_chunked_backward(gen, device, monkeypat
 @pytest.mark.parametrize("device", DEVICES)
 def test_linear_logprobs_strided_hidden(gen, device):
     # hidden as a column slice of a wider buffer (row stride != H), as when trimming a padded activation
-    wide, weight, targets = _linear_case(gen, 17, 40, 90, torch.float32, device)
+    wide, weight, targets = linear_case(gen, 17, 40, 90, torch.float32, device)
     hidden = wide[:, :29]
     weight = weight[:, :29].contiguous()
     got = rto_kernels.linear_logprobs(hidden, weight, targets)
@@ -164,7 +114,7 @@ def test_logprobs_from_logits_extreme(gen, device, kind):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_public_ops_dispatch_to_triton(gen, device, monkeypatch):
-    hidden, weight, targets = _linear_case(gen, 5, 16, 40, torch.float32, device)
+    hidden, weight, targets = linear_case(gen, 5, 16, 40, torch.float32, device)
     assert rto_kernels.use_triton(hidden)
 
     def refuse(*args, **kwargs):
@@ -173,21 +123,29 @@ def test_public_ops_dispatch_to_triton(gen, device, monkeypatch):
     monkeypatch.setattr(reference, "linear_logprobs", refuse)
     monkeypatch.setattr(reference, "logprobs_from_logits", refuse)
     logp = rto_kernels.linear_logprobs(hidden, weight, targets)
-    raw, _, _ = torch.ops.rto.linear_logprobs(hidden, weight, targets, 1.0, False)
+    raw, _, _ = torch.ops.rto.linear_logprobs(hidden, weight, targets, None, 1.0, None, 1.0, False)
     torch.testing.assert_close(logp, raw, rtol=0, atol=0)
     rto_kernels.logprobs_from_logits(hidden, targets)
 
 
 def test_bad_inputs_raise_clear_errors(gen):
-    hidden, weight, targets = _linear_case(gen, 4, 8, 10, torch.float32, "cpu")
+    hidden, weight, targets = linear_case(gen, 4, 8, 10, torch.float32, "cpu")
     with pytest.raises(ValueError, match="weight \\[V, H\\]"):
         rto_kernels.linear_logprobs(hidden, weight[:, :5], targets)
     with pytest.raises(TypeError, match="share a dtype"):
         rto_kernels.linear_logprobs(hidden, weight.double(), targets)
     with pytest.raises(TypeError, match="targets must be int64"):
         rto_kernels.linear_logprobs(hidden, weight, targets.int())
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a finite number > 0"):
         rto_kernels.logprobs_from_logits(hidden, targets, temperature=0.0)
+    with pytest.raises(ValueError, match="linear_logprobs: softcap must be a finite number > 0"):
+        rto_kernels.linear_logprobs(hidden, weight, targets, softcap=-30.0)
+    with pytest.raises(ValueError, match="logprobs_from_logits: logit_scale must be a finite number > 0"):
+        rto_kernels.logprobs_from_logits(hidden, targets, logit_scale=float("nan"))
+    with pytest.raises(ValueError, match="bias must be \\[V\\]=10 of the weight's dtype"):
+        rto_kernels.linear_logprobs(hidden, weight, targets, bias=torch.zeros(9))
+    with pytest.raises(ValueError, match="bias must be \\[V\\]=10 of the weight's dtype"):
+        rto_kernels.linear_logprobs(hidden, weight, targets, bias=torch.zeros(10, dtype=torch.float64))
 
 
 # ---- PyTorch op registration: schema, fake kernels, autograd, and torch.compile ----
@@ -195,35 +153,42 @@ def test_bad_inputs_raise_clear_errors(gen):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_logprob_ops(gen, device):
-    hidden, weight, targets = _linear_case(gen, 6, 16, 40, torch.float32, device)
+    hidden, weight, targets = linear_case(gen, 6, 16, 40, torch.float32, device)
     h, w = hidden.requires_grad_(), weight.requires_grad_()
     for with_entropy in (False, True):
-        torch.library.opcheck(torch.ops.rto.linear_logprobs.default, (h, w, targets, 0.9, with_entropy))
-        torch.library.opcheck(torch.ops.rto.logprobs_from_logits.default, (h, targets, 0.9, with_entropy))
-    logp, ent, lse = torch.ops.rto.linear_logprobs(hidden.detach(), weight.detach(), targets, 1.0, True)
+        plain = (1.0, None, 0.9, with_entropy)  # logit_scale, softcap, temperature, with_entropy
+        torch.library.opcheck(torch.ops.rto.linear_logprobs.default, (h, w, targets, None, *plain))
+        torch.library.opcheck(torch.ops.rto.logprobs_from_logits.default, (h, targets, *plain))
+    logp, ent, lse = torch.ops.rto.linear_logprobs(
+        hidden.detach(), weight.detach(), targets, None, 1.0, None, 1.0, True
+    )
     g = torch.randn(6, generator=gen).to(device)
+    h, w = hidden.detach(), weight.detach()
     torch.library.opcheck(
-        torch.ops.rto.linear_logprobs_backward.default, (g, g, hidden.detach(), weight.detach(), targets, lse, ent, 1.0)
+        torch.ops.rto.linear_logprobs_backward.default, (g, g, h, w, targets, None, lse, ent, 1.0, None, 1.0)
     )
     torch.library.opcheck(
-        torch.ops.rto.logprobs_from_logits_backward.default, (g, None, hidden.detach(), targets, lse, ent, 1.0)
+        torch.ops.rto.logprobs_from_logits_backward.default, (g, None, h, targets, lse, ent, 1.0, None, 1.0)
     )
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_linear_logprobs_under_torch_compile(gen, device):
-    hidden, weight, targets = _linear_case(gen, 7, 16, 50, torch.float32, device)
+    # the plain head and one with every transform, in one compiled graph (one compile: it is the slow part)
+    hidden, weight, targets = linear_case(gen, 7, 16, 50, torch.float32, device)
+    bias = torch.randn(50, generator=gen).to(device)
 
-    def head(h, w, t):
+    def head(h, w, b, t):
         logp, ent = rto_kernels.linear_logprobs(h, w, t, temperature=0.8, return_entropy=True)
-        return (logp + 0.1 * ent).sum()
+        capped = rto_kernels.linear_logprobs(h, w, t, bias=b, logit_scale=2.0, softcap=1.5, temperature=0.8)
+        return (logp + 0.1 * ent + capped).sum()
 
-    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    torch.compile(head, fullgraph=True)(h1, w1, targets).backward()
-    head(h2, w2, targets).backward()
-    torch.testing.assert_close(h1.grad, h2.grad)
-    torch.testing.assert_close(w1.grad, w2.grad)
+    leaves1 = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    leaves2 = [x.clone().requires_grad_() for x in (hidden, weight, bias)]
+    torch.compile(head, fullgraph=True)(*leaves1, targets).backward()
+    head(*leaves2, targets).backward()
+    for a, b in zip(leaves1, leaves2):
+        torch.testing.assert_close(a.grad, b.grad)
 
 
 # ---- realistic sizes, compiled kernels on a GPU ----
@@ -233,7 +198,7 @@ def test_linear_logprobs_under_torch_compile(gen, device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_linear_logprobs_realistic_gpu(gen, dtype):
-    inputs = _linear_case(gen, 2048, 1024, 32011, dtype, "cuda")
+    inputs = linear_case(gen, 2048, 1024, 32011, dtype, "cuda")
     _check_linear(inputs, gen, 1.0, ATOL[dtype])
 
 
