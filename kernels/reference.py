@@ -110,11 +110,19 @@ def _kl(d: torch.Tensor, estimator: str) -> torch.Tensor:
     return torch.expm1(-d) + d  # k3 = exp(-d) - 1 + d
 
 
-def _last_valid(mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: true only at each row's last valid position."""
+def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
+    """The last position where mask [B, T] is set, per row -> [B] long; -1 for a row with none (also when T = 0).
+    The one definition of "a row's last valid position" (the trainer imports it through `rto.tensors`)."""
+    if mask.shape[1] == 0:
+        return torch.full((mask.shape[0],), -1, dtype=torch.long, device=mask.device)
     pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)  # [B, T]
-    last = torch.where(mask, pos, -1).amax(dim=1, keepdim=True)  # [B, 1]; -1 for an empty row
-    return mask & (pos == last)
+    return torch.where(mask.bool(), pos, -1).amax(dim=1)
+
+
+def last_valid_mask(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: true only at each row's last valid position (all false for an empty row)."""
+    pos = torch.arange(mask.shape[1], device=mask.device)
+    return mask.bool() & (pos == last_valid_index(mask)[:, None])
 
 
 def token_rewards(
@@ -141,7 +149,7 @@ def token_rewards(
     ref = ref_logp.to(acc)
     d = torch.where(mask, logp.to(acc) - ref, zero)  # [B, T]
     rewards = torch.where(mask, -kl_coef * _kl(d, kl_estimator), zero)  # [B, T]
-    last = _last_valid(mask)  # [B, T]
+    last = last_valid_mask(mask)  # [B, T]
 
     if shaping != "ppo":
         z = torch.where(mask, dpo_token_reward(dpo_logp, ref, scale=dpo_scale, clip=dpo_clip), zero)  # [B, T]

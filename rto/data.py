@@ -1,14 +1,12 @@
-"""Datasets for the trainers: loading, row validation, chat templating, length policy, batching, collation.
+"""Datasets for the trainers: loading, chat templating and loss masks, length policy, batching.
 
-Schemas (column names configurable in `data.*`):
-- SFT: `messages`, a list of {role, content}; the last assistant turn is the response (earlier turns are
-  context, not trained on).
-- Preference pairs (UltraFeedback-binarized style): `prompt` (a string or a list of messages), `chosen` and
-  `rejected` (lists of messages, which may repeat the prompt turns first, as UltraFeedback does).
-- Prompt-only (RL): `messages`, or `prompt`.
-Loss masks cover response tokens only. A malformed row raises a DataError naming the dataset, the row index
-and the field, or with `data.bad_rows=skip` is skipped and counted; over-long prompts follow
-`data.overlong`; every count is reported.
+Rows are read by `rto.formats` (messages, ShareGPT, HH-RLHF, plain strings; which column holds what). SFT
+trains every assistant turn (`data.assistant_turns=last`: the last only), like TRL's `assistant_only_loss`;
+each turn's tokens are found by rendering the conversation up to it, so the template must render each such
+prefix as the start of the whole (checked per turn). A preference row is a prompt and one assistant reply each
+for chosen and rejected, with the loss on the reply; a prompt-only row is rendered with the generation prompt.
+A bad row is a DataError naming dataset, row and field (`data.bad_rows=skip`: skipped and counted), a bad file
+names file and line, and the report logged per dataset says what was read and counts everything.
 """
 
 from __future__ import annotations
@@ -22,20 +20,37 @@ from pathlib import Path
 import torch
 
 from rto.config import ConfigError, DataConfig
+from rto.formats import (
+    DataError,
+    RowError,
+    columns,
+    data_format,
+    first_difference,
+    json_problems,
+    last_turn_only,
+    load_json,
+    pair_columns,
+    pair_row,
+    prompt_column,
+    prompt_row,
+    read_turns,
+    reason,
+    sft_column,
+    sft_turns,
+    value_of,
+)
 from rto.models import check_model_path
+from rto.tensors import pad_rows
 
 log = logging.getLogger(__name__)
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DataError(ValueError):
-    """A row of a dataset that cannot be used as it is."""
+SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 @dataclass
 class Example:
-    """One tokenised sequence: input_ids and, per token, whether it is a response token."""
+    """One tokenised sequence: input_ids and, per token, whether it carries the loss (a trained reply token)."""
 
     input_ids: list[int]
     loss_mask: list[bool]
@@ -53,192 +68,257 @@ class Pair:
 
 @dataclass
 class Report:
-    """What tokenising a dataset did: rows kept, skipped (by reason), truncated, dropped."""
+    """What reading and tokenising a dataset did: what was read, rows kept, counts by reason, turns trained."""
 
     name: str
     rows: int = 0
     kept: int = 0
-    counts: Counter = field(default_factory=Counter)
+    source: str = ""  # which columns were read
+    read: Counter = field(default_factory=Counter)  # formats and role mappings, in rows or turns
+    counts: Counter = field(default_factory=Counter)  # rows skipped, prompts truncated or dropped, cuts
+    turns: int = 0  # assistant turns carrying the loss
+    loss_tokens: int = 0
 
     def summary(self) -> str:
-        extra = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
-        return f"{self.name}: {self.kept} of {self.rows} rows kept" + (f" ({extra})" if extra else "")
+        read = ", ".join(f"{k} ({v})" for k, v in sorted(self.read.items()))
+        turns = f"{self.turns} assistant turns, {self.loss_tokens} loss tokens" if self.turns else ""
+        counts = [f"{k}: {v}" for k, v in sorted(self.counts.items())]
+        parts = [f"{self.name}: {self.kept} of {self.rows} rows kept", self.source, read and f"read {read}", turns]
+        return "; ".join(p for p in parts + counts if p)
+
+
+def require_rows(n: int, needed: int, name: str, setting: str) -> None:
+    """For the trainers, before any model loads: enough usable rows (or items) for one batch of `setting`."""
+    if n < needed:
+        raise DataError(f"{name}: {n} usable rows cannot fill one batch of {setting}={needed}; add rows or lower it")
 
 
 # ---- loading ----
 
 
-def load_rows(path: str, split: str, what: str = "data.path"):
+def load_rows(path: str, split: str, what: str = "data.path", bad_rows: str = "error"):
     """A `datasets.Dataset` from a local .json/.jsonl/.parquet file, a folder (saved dataset or data files), or
-    a hub id."""
+    a hub id. Errors of the library become DataErrors naming the file (and line)."""
     import datasets
 
     p = Path(path).expanduser()
+    if p.is_file() and p.suffix not in FILE_BUILDERS:
+        raise ConfigError(f"{what}: {p} is not a .json, .jsonl or .parquet file")
+    if p.is_file() and p.stat().st_size == 0:
+        raise DataError(f"{what} {p}: the file is empty")
     try:
-        if p.is_file():
-            builder = FILE_BUILDERS.get(p.suffix)
-            if builder is None:
-                raise ConfigError(f"{what}: {p} is not a .json, .jsonl or .parquet file")
-            return datasets.load_dataset(builder, data_files=str(p), split="train")
-        if p.is_dir() and any((p / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json")):
+        if p.is_file() and FILE_BUILDERS[p.suffix] == "json":
+            ds = load_json(p, what, bad_rows)
+        elif p.is_file():
+            ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
+        elif p.is_dir() and any((p / f).exists() for f in SAVED_MARKERS):
             ds = datasets.load_from_disk(str(p))
-            return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-        check_model_path(path, what)
-        return datasets.load_dataset(str(p) if p.is_dir() else path, split=split)
-    except ValueError as e:  # e.g. an unknown split
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{what}: cannot load split {split!r} of {path}: {e}") from None
+            if isinstance(ds, datasets.DatasetDict) and split not in ds:
+                raise DataError(f"{what} {path} has no split {split!r}; its splits: {', '.join(ds)} (set data.split)")
+            ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+        else:
+            check_model_path(path, what)
+            ds = datasets.load_dataset(str(p) if p.is_dir() else path, split=split)
+    except (ConfigError, DataError):
+        raise
+    except Exception as e:  # pyarrow, datasets, fsspec and OS errors: one line naming the file
+        for f in sorted(p.rglob("*.json*")) if p.is_dir() else []:
+            problems, _ = json_problems(f)
+            if problems:
+                at = f" line {problems[0][0]}" if problems[0][0] else ""
+                raise DataError(f"{what} {f}{at}: {problems[0][1]}; fix the file") from None
+        raise DataError(f"{what} {path}: cannot be loaded ({reason(e)})") from e
+    if len(ds) == 0:
+        raise DataError(f"{what} {path}: the dataset has no rows")
+    return ds
 
 
 def load_data_rows(cfg: DataConfig):
     """The configured training split (data.path, data.split), cut to its first data.max_rows rows if set."""
-    rows = load_rows(cfg.path, cfg.split)
+    if Path(cfg.path).expanduser().is_file() and cfg.split != "train":
+        raise ConfigError(
+            f"data.split={cfg.split!r}: {cfg.path} is one file, so it has no splits; leave data.split "
+            "out, or point data.path at a folder or hub dataset with splits"
+        )
+    rows = load_rows(cfg.path, cfg.split, bad_rows=cfg.bad_rows)
     if cfg.max_rows is not None:
         rows = rows.select(range(min(cfg.max_rows, len(rows))))
     return rows
 
 
-# ---- row validation ----
-
-
-def _messages(value, name: str, row: int, key: str) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise DataError(f"{name} row {row}: field '{key}' must be a non-empty list of messages, got "
-                        f"{type(value).__name__}")  # fmt: skip
-    for j, m in enumerate(value):
-        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataError(f"{name} row {row}: field '{key}' message {j} must be {{role: str, content: str}}")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
-def _field(row: Mapping, key: str, name: str, i: int):
-    if key not in row or row[key] is None:
-        raise DataError(f"{name} row {i}: missing field '{key}'")
-    return row[key]
-
-
-def prompt_messages(row: Mapping, key: str, name: str, i: int) -> list[dict]:
-    value = _field(row, key, name, i)
-    if isinstance(value, str):
-        if not value.strip():
-            raise DataError(f"{name} row {i}: field '{key}' is an empty prompt")
-        return [{"role": "user", "content": value}]
-    return _messages(value, name, i, key)
-
-
-def response_messages(row: Mapping, key: str, prompt: list[dict], name: str, i: int) -> list[dict]:
-    """The response turns of `row[key]`, after the prompt turns when the conversation repeats them."""
-    conv = _messages(_field(row, key, name, i), name, i, key)
-    if conv[: len(prompt)] == prompt:
-        conv = conv[len(prompt) :]
-    if not conv or conv[-1]["role"] != "assistant":
-        raise DataError(f"{name} row {i}: field '{key}' has no assistant response after the prompt")
-    if not conv[-1]["content"].strip():
-        raise DataError(f"{name} row {i}: field '{key}' has an empty response")
-    return conv
-
-
 # ---- tokenisation ----
 
 
-def template_ids(tokenizer, messages: list[dict], generation_prompt: bool) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
+def render(tokenizer, turns: list[dict], generation_prompt: bool, tokenize: bool = True):
+    """The chat template's rendering of `turns`: token ids, or the text (tokenize=False)."""
+    try:
+        out = tokenizer.apply_chat_template(turns, add_generation_prompt=generation_prompt, tokenize=tokenize)
+    except Exception as e:  # the template's raise_exception (jinja2.TemplateError), or a bug it hits on this row
+        roles = ", ".join(t["role"] for t in turns)
+        raise RowError(
+            f"the chat template refused the turns ({roles}): {reason(e)}; change the row or set model.chat_template"
+        ) from e
+    if not tokenize:
+        return out
     return list(out["input_ids"] if isinstance(out, Mapping) else out)
 
 
-def fit_prompt(prompt_ids: list[int], cfg: DataConfig, report: Report, i: int) -> list[int] | None:
+def _check_start(tokenizer, head: list[dict], head_ids: list[int], conv: list[dict], ids: list[int], hint: str):
+    """The prefix check: the tokens of `head` rendered with the generation prompt (or of a shorter conversation)
+    must be the first tokens of the whole conversation, or its reply tokens cannot be told apart."""
+    if ids[: len(head_ids)] == head_ids:
+        return
+    gen = head[-1]["role"] != "assistant"
+    a, b = render(tokenizer, head, gen, tokenize=False), render(tokenizer, conv, False, tokenize=False)
+    if b.startswith(a):
+        k = next((j for j, (x, y) in enumerate(zip(head_ids, ids)) if x != y), len(ids))
+        detail = f"the text is its start, but the tokens differ from token {k}"
+    else:
+        detail = first_difference(a, b)
+    raise RowError(
+        f"the chat template does not render turns 0-{len(head) - 1} as the start of the conversation "
+        f"({detail}), so the trained tokens cannot be told apart; {hint}"
+    )
+
+
+def trained_spans(tokenizer, conv: list[dict], trained: list[int], hint: str) -> tuple[list[int], list[bool]]:
+    """Token ids of `conv` (which ends with an assistant turn) and the loss mask: true on the tokens of each
+    assistant turn in `trained` (its text and end-of-turn marker, not the header the generation prompt holds),
+    found by rendering the conversation up to that turn."""
+    ids = render(tokenizer, conv, generation_prompt=False)
+    mask = [False] * len(ids)
+    for k in trained:
+        start = render(tokenizer, conv[:k], generation_prompt=True)
+        _check_start(tokenizer, conv[:k], start, conv, ids, hint)
+        end = ids if k == len(conv) - 1 else render(tokenizer, conv[: k + 1], generation_prompt=False)
+        _check_start(tokenizer, conv[: k + 1], end, conv, ids, hint)
+        if len(end) <= len(start):
+            raise RowError(f"assistant turn {k} renders to no tokens")
+        mask[len(start) : len(end)] = [True] * (len(end) - len(start))
+    return ids, mask
+
+
+def fit_prompt(prompt_ids: list[int], cfg: DataConfig, report: Report) -> list[int] | None:
     """Apply data.overlong to a prompt: unchanged, truncated (keeping its end: the last turn and the generation
-    prompt), None when dropped, or a DataError."""
+    prompt), None when dropped, or a RowError."""
     if len(prompt_ids) <= cfg.max_prompt_length:
         return prompt_ids
     if cfg.overlong == "error":
-        raise DataError(f"{report.name} row {i}: prompt has {len(prompt_ids)} tokens, over data.max_prompt_length"
-                        f"={cfg.max_prompt_length} (set data.overlong=truncate or drop)")  # fmt: skip
+        raise RowError(
+            f"prompt has {len(prompt_ids)} tokens, over data.max_prompt_length={cfg.max_prompt_length} "
+            "(set data.overlong=truncate or drop)"
+        )
     done = {"drop": "dropped", "truncate": "truncated"}[cfg.overlong]
     report.counts[f"prompts {done} (over {cfg.max_prompt_length} tokens)"] += 1
     return None if cfg.overlong == "drop" else prompt_ids[-cfg.max_prompt_length :]
 
 
-def encode(tokenizer, prompt: list[dict], response: list[dict], cfg: DataConfig, report: Report, i: int):
-    """Prompt + response as token ids with the loss on the response; None when the row is dropped."""
-    prompt_ids = template_ids(tokenizer, prompt, generation_prompt=True)
-    full = template_ids(tokenizer, prompt + response, generation_prompt=False)
-    if full[: len(prompt_ids)] != prompt_ids:
-        raise DataError(f"{report.name} row {i}: the chat template does not render the prompt as a prefix of the "
-                        "conversation, so response tokens cannot be told apart")  # fmt: skip
-    resp = full[len(prompt_ids) :]
-    if not resp:
-        raise DataError(f"{report.name} row {i}: the response renders to no tokens")
-    prompt_ids = fit_prompt(prompt_ids, cfg, report, i)
-    if prompt_ids is None:
+def fit(ids: list[int], mask: list[bool], cfg: DataConfig, report: Report) -> Example | None:
+    """The length policy on a tokenised conversation: data.overlong on what precedes the first trained token,
+    then the whole cut at data.max_length (counted). None when the row is dropped."""
+    n_prompt = mask.index(True)
+    head = fit_prompt(ids[:n_prompt], cfg, report)
+    if head is None:
         return None
-    room = cfg.max_length - len(prompt_ids)
-    if len(resp) > room:
+    ids, mask = head + ids[n_prompt:], mask[n_prompt - len(head) :]
+    if len(ids) > cfg.max_length:
         report.counts[f"responses cut at data.max_length={cfg.max_length}"] += 1
-        resp = resp[:room]
-    return Example(prompt_ids + resp, [False] * len(prompt_ids) + [True] * len(resp))
+        ids, mask = ids[: cfg.max_length], mask[: cfg.max_length]
+    report.loss_tokens += sum(mask)
+    return Example(ids, mask)
 
 
-def _tokenize(rows, name: str, cfg: DataConfig, one_row, progress: bool):
+def encode(tokenizer, prompt: list[dict], reply: list[dict], cfg: DataConfig, report: Report) -> Example | None:
+    """A prompt and its one assistant reply, with the loss on the reply; None when the row is dropped."""
+    conv = prompt + reply
+    ids, mask = trained_spans(tokenizer, conv, [len(prompt)], "fix model.chat_template")
+    example = fit(ids, mask, cfg, report)
+    report.turns += example is not None
+    return example
+
+
+def _tokenize(rows, name: str, cfg: DataConfig, one_row, report: Report, progress: bool):
     from tqdm.auto import tqdm
 
-    report = Report(name=name, rows=len(rows))
+    report.rows = len(rows)
     out = []
     for i, row in enumerate(tqdm(rows, desc=f"tokenising {name}", disable=not progress, leave=False)):
         try:
-            item = one_row(row, i, report)
-        except DataError as e:
+            item = one_row(row, report)
+        except RowError as e:
             if cfg.bad_rows == "error":
-                raise
-            report.counts[f"skipped: {str(e).split(': ', 1)[1]}"] += 1
+                raise DataError(f"{name} row {i}: {e}") from e.__cause__
+            report.counts[f"skipped: {e}"] += 1
             continue
         if item is not None:
             out.append(item)
     report.kept = len(out)
     log.info(report.summary())
+    if not out:
+        raise DataError(f"{report.summary()}: no usable rows")
     return out, report
 
 
-def tokenize_sft(rows, tokenizer, cfg: DataConfig, name: str, progress: bool = False):
-    def one_row(row, i, report):
-        conv = _messages(_field(row, cfg.messages_key, name, i), name, i, cfg.messages_key)
-        last = max((j for j, m in enumerate(conv) if m["role"] == "assistant"), default=None)
-        if last is None or last == 0:
-            raise DataError(f"{name} row {i}: field '{cfg.messages_key}' needs a prompt turn and an assistant turn")
-        if not conv[last]["content"].strip():
-            raise DataError(f"{name} row {i}: field '{cfg.messages_key}' has an empty response")
-        return encode(tokenizer, conv[:last], conv[last : last + 1], cfg, report, i)
+def _columns(rows, name: str, choose, *args):
+    try:
+        return choose(columns(rows), *args)
+    except DataError as e:
+        raise DataError(f"{name}: {e}") from None
 
-    return _tokenize(rows, name, cfg, one_row, progress)
+
+def tokenize_sft(rows, tokenizer, cfg: DataConfig, name: str, progress: bool = False):
+    """Conversations, with the loss on every assistant turn (or the last, data.assistant_turns=last)."""
+    fmt, last_only = data_format(cfg), last_turn_only(cfg)
+    key, source = _columns(rows, name, sft_column, cfg.messages_key)
+    hint = "fix model.chat_template" if last_only else "set data.assistant_turns=last or fix model.chat_template"
+
+    def one_row(row, report):
+        turns = read_turns(value_of(row, key), key, fmt, report.read, None)
+        conv, trained = sft_turns(turns, key, report.counts, last_only)
+        example = fit(*trained_spans(tokenizer, conv, trained, hint), cfg, report)
+        report.turns += len(trained) if example is not None else 0
+        return example
+
+    return _tokenize(rows, name, cfg, one_row, Report(name, source=source), progress)
 
 
 def tokenize_pairs(rows, tokenizer, cfg: DataConfig, name: str, progress: bool = False):
-    def one_row(row, i, report):
-        prompt = prompt_messages(row, cfg.prompt_key, name, i)
-        chosen = encode(tokenizer, prompt, response_messages(row, cfg.chosen_key, prompt, name, i), cfg, report, i)
-        rejected = encode(tokenizer, prompt, response_messages(row, cfg.rejected_key, prompt, name, i), cfg, report,
-                          i)  # fmt: skip
-        return None if chosen is None or rejected is None else Pair(chosen, rejected)
+    """Preference pairs: a prompt and one assistant reply each for chosen and rejected (see rto.formats)."""
+    fmt, keys = data_format(cfg), (cfg.chosen_key, cfg.rejected_key)
+    prompt_key, source = _columns(rows, name, pair_columns, cfg.prompt_key, keys)
 
-    return _tokenize(rows, name, cfg, one_row, progress)
+    def one_row(row, report):
+        prompt, chosen, rejected = pair_row(row, prompt_key, keys, fmt, report.read)
+        pair = [encode(tokenizer, prompt, reply, cfg, report) for reply in (chosen, rejected)]
+        return None if None in pair else Pair(*pair)
+
+    return _tokenize(rows, name, cfg, one_row, Report(name, source=source), progress)
 
 
 def tokenize_prompts(rows, tokenizer, cfg: DataConfig, name: str, progress: bool = False):
-    """Prompt-only rows (RL): the `messages` column (ending with a user turn) or the `prompt` column, rendered
-    with the generation prompt. Items are lists of token ids."""
+    """Prompt-only rows (RL, eval), from the column `rto.formats.prompt_column` chooses, each ending with the user
+    turn to answer, rendered with the generation prompt. Items are lists of token ids."""
+    fmt, keys = data_format(cfg), (cfg.chosen_key, cfg.rejected_key)
+    kind, column, source = _columns(rows, name, prompt_column, cfg.prompt_key, cfg.messages_key, keys)
 
-    def one_row(row, i, report):
-        if cfg.messages_key in row and row[cfg.messages_key] is not None:
-            prompt = _messages(row[cfg.messages_key], name, i, cfg.messages_key)
-            if prompt[-1]["role"] == "assistant":
-                raise DataError(f"{name} row {i}: field '{cfg.messages_key}' ends with an assistant turn; a prompt "
-                                "ends with the turn to answer")  # fmt: skip
-        else:
-            prompt = prompt_messages(row, cfg.prompt_key, name, i)
-        return fit_prompt(template_ids(tokenizer, prompt, generation_prompt=True), cfg, report, i)
+    def one_row(row, report):
+        prompt = prompt_row(row, kind, column, keys, fmt, report.read)
+        return fit_prompt(render(tokenizer, prompt, generation_prompt=True), cfg, report)
 
-    return _tokenize(rows, name, cfg, one_row, progress)
+    return _tokenize(rows, name, cfg, one_row, Report(name, source=source), progress)
+
+
+def prompt_turns(rows, cfg: DataConfig, name: str) -> list[list[dict]]:
+    """Every row's prompt turns as `tokenize_prompts` reads them (same column, format and checks; no skipping)."""
+    fmt, keys = data_format(cfg), (cfg.chosen_key, cfg.rejected_key)
+    kind, column, _ = _columns(rows, name, prompt_column, cfg.prompt_key, cfg.messages_key, keys)
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(prompt_row(row, kind, column, keys, fmt, Counter()))
+        except RowError as e:
+            raise DataError(f"{name} row {i}: {e}") from None
+    return out
 
 
 # ---- batching ----
@@ -265,19 +345,11 @@ def rank_micro_batches(batch: list[int], rank: int, world: int, micro: int) -> l
 def collate(examples: list[Example], pad_id: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Right-padded batch: input_ids, attention_mask [B, T] long; loss_mask [B, T] bool; seq_id [B, T] (the row,
     -1 at padding)."""
-    T = max(len(e.input_ids) for e in examples)
-    B = len(examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.long)
-    loss = torch.zeros(B, T, dtype=torch.bool)
-    for b, e in enumerate(examples):
-        n = len(e.input_ids)
-        ids[b, :n] = torch.tensor(e.input_ids)
-        attn[b, :n] = 1
-        loss[b, :n] = torch.tensor(e.loss_mask)
-    seq_id = torch.where(attn.bool(), torch.arange(B).unsqueeze(1), -1)  # -1 at padding
-    out = dict(input_ids=ids, attention_mask=attn, loss_mask=loss, seq_id=seq_id)
-    return {k: v.to(device) for k, v in out.items()}
+    ids, valid = pad_rows([e.input_ids for e in examples], pad_id, device=device)  # [B, T]
+    loss, _ = pad_rows([e.loss_mask for e in examples], False, dtype=torch.bool, device=device)  # [B, T]
+    rows = torch.arange(len(examples), device=ids.device).unsqueeze(1)  # [B, 1]
+    seq_id = torch.where(valid, rows, -1)  # [B, T], -1 at padding
+    return dict(input_ids=ids, attention_mask=valid.long(), loss_mask=loss, seq_id=seq_id)
 
 
 def collate_packed(examples: list[Example], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

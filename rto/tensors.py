@@ -1,4 +1,5 @@
-"""Small tensor helpers with one definition each: padding ragged rows, and a row's last valid position.
+"""Small tensor helpers with one definition each: padding ragged rows, and a row's last valid position (defined
+with the kernels' reference, which the trainer's tensors must agree with, and re-exported here).
 
 Every module that pads token rows (data collation, rollout batches, the engines' prompts, evaluation) or reads
 "the last valid token" of a row (the reward model's score, forced EOS, rollout statistics) calls these.
@@ -9,6 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from rto_kernels.reference import last_valid_index
+from rto_kernels.reference import last_valid_mask as is_last_valid
+
+__all__ = ["is_last_valid", "last_valid", "last_valid_index", "pad_rows"]
 
 
 def pad_rows(
@@ -40,18 +46,6 @@ def pad_rows(
         out[b, cols] = torch.as_tensor(r, dtype=dtype)
         valid[b, cols] = True
     return out.to(device), valid.to(device)
-
-
-def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """The last position where mask [B, T] is set, per row -> [B] long; -1 for a row with none."""
-    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), pos, -1).amax(dim=1)
-
-
-def is_last_valid(mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool: true at each row's last valid position only (all false for an empty row)."""
-    last = last_valid_index(mask)
-    return mask.bool() & (torch.arange(mask.shape[1], device=mask.device) == last[:, None])
 
 
 def last_valid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

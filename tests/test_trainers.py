@@ -140,13 +140,12 @@ def test_dpo_family_runs_and_moves_the_margin(assets, tmp_path, loss):
 
 
 def test_bad_rows_and_bad_config_via_the_command_line(assets, tmp_path, capsys):
-    row = {"prompt": "repeat w1", "chosen": [{"role": "assistant", "content": "w1"}], "rejected": "w2"}
+    row = {"prompt": "repeat w1", "chosen": [{"role": "assistant", "content": "w1"}], "rejected": 5}
     bad = write_jsonl(tmp_path / "bad.jsonl", [row])
     rc = cli(["dpo", f"model.path={assets['model']}", f"data.path={bad}", f"run.output_dir={tmp_path}", *QUIET])
     assert rc == 2
-    assert (
-        f"rto dpo: data error: {bad}[train] row 0: field 'rejected' must be a non-empty list" in capsys.readouterr().err
-    )
+    expected = "field 'rejected' must be a non-empty list of messages or a string, got int"
+    assert f"rto dpo: data error: {bad}[train] row 0: {expected}" in capsys.readouterr().err
     rc = cli(["rm", f"model.path={tmp_path / 'missing'}", f"data.path={bad}", f"run.output_dir={tmp_path}", *QUIET])
     assert rc == 2 and "no such file or folder" in capsys.readouterr().err
 

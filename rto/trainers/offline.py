@@ -28,7 +28,7 @@ from torch import nn
 
 from rto.checkpoint import checkpoint_dir, export_hf, load_checkpoint, save_checkpoint
 from rto.config import OfflineConfig
-from rto.data import epoch_batches, leftover, load_data_rows, load_rows, rank_micro_batches
+from rto.data import epoch_batches, leftover, load_data_rows, load_rows, rank_micro_batches, require_rows
 from rto.guard import NonFiniteGuard
 from rto.metrics import run_logger
 from rto.models import load_tokenizer
@@ -81,9 +81,11 @@ def load_items(ctx: Context, tokenize: Callable) -> tuple[list, list]:
     held_out = None
     if cfg.data.eval_path or cfg.data.eval_split:
         path, split = cfg.data.eval_path or cfg.data.path, cfg.data.eval_split or cfg.data.split
-        rows = load_rows(path, split, "data.eval_path")
+        rows = load_rows(path, split, "data.eval_path", bad_rows=cfg.data.bad_rows)
         held_out, _ = tokenize(rows, ctx.tokenizer, cfg.data, name=f"{path}[{split}]", progress=progress)
-    return split_eval(items, cfg, held_out)
+    train, held_out = split_eval(items, cfg, held_out)
+    require_rows(len(train), cfg.train.global_batch_size, f"{name} (training part)", "train.global_batch_size")
+    return train, held_out
 
 
 def run(cfg: OfflineConfig, tokenize: Callable, build_task: Callable[[Context], Task]) -> dict[str, float]:

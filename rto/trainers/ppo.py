@@ -28,7 +28,7 @@ from transformers import AutoTokenizer
 from rto.advantages import compute_advantages
 from rto.checkpoint import checkpoint_dir, export_hf, load_checkpoint, save_checkpoint
 from rto.config import ConfigError, PPOConfig
-from rto.data import epoch_batches, load_data_rows, tokenize_prompts
+from rto.data import epoch_batches, load_data_rows, require_rows, tokenize_prompts
 from rto.guard import NonFiniteGuard
 from rto.metrics import run_logger
 from rto.models import PolicyModel, ScalarModel, check_model_path, load_causal_lm, load_scalar_model, load_tokenizer
@@ -252,9 +252,7 @@ def load_prompts(cfg: PPOConfig, tokenizer, d: Dist) -> list[list[int]]:
     rows = load_data_rows(cfg.data)
     name = f"{cfg.data.path}[{cfg.data.split}]"
     prompts, _ = tokenize_prompts(rows, tokenizer, cfg.data, name, progress=d.is_main and cfg.run.progress)
-    per_step = cfg.rollout.prompts_per_step
-    if len(prompts) < per_step:
-        raise ConfigError(f"{len(prompts)} prompts cannot fill one rollout step of rollout.prompts_per_step={per_step}")
+    require_rows(len(prompts), cfg.rollout.prompts_per_step, name, "rollout.prompts_per_step")
     return prompts
 
 
