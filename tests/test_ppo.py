@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 
 from rto import advantages as adv_mod
 from rto.config import ConfigError, load_config
+from rto.forward import policy_logp
 from rto.models import tiny_causal_lm, tiny_tokenizer
 from rto.parallel import init_distributed
 from rto.rollout.weight_sync import stream_weights
-from rto.forward import policy_logp
 from rto.trainers import ppo
-from tests.assets import WORDS, make_rl_assets
+from tests.assets import WORDS, make_rl_assets, small_ppo_args
 
 QUIET = ["run.progress=false", "run.tensorboard=false"]
 
@@ -31,25 +31,14 @@ def rl(tmp_path_factory):
 
 
 def args(rl, out, name, *extra):
-    return [
-        f"actor.path={rl['model']}",
-        f"reward={rl['reward']}",
-        f"dpo={rl['dpo']}",
-        f"data.path={rl['prompts']}",
-        f"run.output_dir={out}",
-        f"run.name={name}",
-        "rollout.prompts_per_step=16",
-        "rollout.max_new_tokens=12",
-        "train.train_batch_size=8",
-        "train.micro_batch_size=4",
+    faster = [
         "actor_optim.lr=1e-3",
         "critic_optim.lr=1e-3",
         "actor_optim.warmup_ratio=0",
         "critic_optim.warmup_ratio=0",
-        "train.log_every=1",
-        *QUIET,
-        *extra,
     ]
+    settings = ["rollout.max_new_tokens=12", "train.micro_batch_size=4", *faster, "train.log_every=1"]
+    return small_ppo_args(rl, out, name, *settings, *extra)
 
 
 def metrics(run_dir):
