@@ -25,7 +25,8 @@ setup(
         "matplotlib>=3.7",  # report plots and `rto inspect` PNGs
     ],
     extras_require={
-        "dev": ["pytest>=8", "ruff>=0.8"],
+        # alpaca-eval: the export test runs AlpacaEval's own merge on our model outputs
+        "dev": ["pytest>=8", "ruff>=0.8", "alpaca-eval>=0.6"],
         "gpu": ["liger-kernel>=0.5", "flash-attn>=2.6"],
         "vllm": ["vllm>=0.10"],
     },

@@ -133,12 +133,16 @@ def project_errors() -> dict[type, str]:
     from rto.checkpoint import CheckpointError
     from rto.config import ConfigError
     from rto.data import DataError
+    from rto.families import ModelError
     from rto.guard import NonFiniteError
     from rto.parallel import CollectiveError
     from rto.run import ResumeError
+    from rto.rundir import RunDirError
 
     return {
+        ModelError: "model",
         ConfigError: "config",
+        RunDirError: "run folder",
         DataError: "data",
         ResumeError: "resume",
         CheckpointError: "checkpoint",

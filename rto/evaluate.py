@@ -1,12 +1,23 @@
 """`rto eval`: generate for a prompt set, score, compare with a reference model, export for external judges.
 
 Run: rto eval model=<policy> data.path=<prompts> [reference=<SFT model>] [reward=<RM>] [temperature=0.7|0]
-- temperature 0.7 is AlpacaEval's setting, temperature 0 (greedy) Arena-Hard's;
+- temperature 0.7 is AlpacaEval's setting, temperature 0 (greedy) Arena-Hard's; a response ends at the model's
+  first stop token (the tokenizer's EOS, the model's generation_config eos_token_id, and `stop_tokens`);
 - scores: the reward model's (when given) and, for toy-world prompts, the gold reward;
 - win rate against the reference model's responses to the same prompts (ties count one half), with a 95%
   normal-approximation interval over prompts;
-- exports: AlpacaEval model outputs (JSON list of {instruction, output, generator}) and Arena-Hard answers
-  (JSONL of {question_id, answer_id, model_id, choices: [{index, turns: [{content}]}], tstamp}).
+- exports, named after the model (`generator`, default: the model's folder or hub name), in the formats the
+  benchmarks' own code reads:
+  - `alpaca_eval/model_outputs.json`: a JSON list of {instruction, output, generator[, dataset]}, `instruction`
+    being the text of the row's (last) user turn as the dataset holds it, from the column the data code reads
+    (rto.formats; AlpacaEval joins model and reference outputs on it; for AlpacaEval's own set,
+    `data.prompt_key=instruction`), `dataset` copied from the row when it has one;
+  - `arena_hard/<generator>.jsonl`: one answer per question in arena-hard-auto's model_answer format, {uid,
+    ans_id, model, messages: [the prompt turns..., {role: assistant, content: {answer}}], tstamp, metadata:
+    {token_len, header_count, list_count, bold_count}} (`uid` from the row, else its row index), so the folder
+    is a `data/<bench>/model_answer` folder. `token_len` counts the answer in the model's tokens; Arena-Hard's style
+    control counts GPT-4o tokens, which its `utils/add_markdown_info.py` recomputes in place.
+  Every row must be answered (one answer per question): eval refuses `data.overlong=drop` and skipped rows.
 Runs in one process on unsharded models (evaluation sets are small).
 """
 
@@ -14,18 +25,26 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from rto.config import EvalConfig, ModelConfig
-from rto.data import load_data_rows, tokenize_prompts
-from rto.models import ScalarModel, check_model_path, last_valid, load_scalar_model, load_tokenizer
+from rto.config import ConfigError, DataConfig, EvalConfig, ModelConfig
+from rto.data import load_data_rows, render, tokenize_prompts
+from rto.families import cut_at_stop, stop_token_ids
+from rto.formats import columns, data_format, prompt_column, prompt_row
+from rto.models import ScalarModel, check_model_path, load_scalar_model, load_tokenizer, reward_normalisation
+from rto.tensors import last_valid, pad_rows
+
+# the last parts of the folders this trainer saves models to (<run>/hf, <run>/hf/actor): not a model's name
+SAVE_FOLDERS = {"hf", "actor", "critic"}
 
 
 @dataclass
@@ -34,47 +53,82 @@ class Sample:
     response_ids: list[int]
 
 
+def sampling_settings(temperature: float, top_p: float) -> dict:
+    """HF generate's sampling arguments; greedy at temperature 0. NaN or a negative temperature is an error:
+    NaN fails every comparison, so a `temperature > 0` test alone would turn it into greedy decoding."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be 0 (greedy) or a finite positive number, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be in (0, 1], got {top_p}")
+    if temperature == 0:
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None}
+
+
+def check_context(lm, prompts: list[list[int]], max_new_tokens: int, model_path: str) -> None:
+    """One line, not a traceback from inside the model, when a prompt plus the response cap exceed the context."""
+    context = getattr(lm.config, "max_position_embeddings", None)
+    longest = max((len(p) for p in prompts), default=0)
+    if context is not None and longest + max_new_tokens > context:
+        raise ConfigError(
+            f"a prompt has {longest} tokens: with max_new_tokens={max_new_tokens} it exceeds the {context}-token "
+            f"context of {model_path} (lower max_new_tokens or data.max_prompt_length with data.overlong=truncate)"
+        )
+
+
 @torch.no_grad()
-def generate(model_path: str, prompts: list[list[int]], tok, *, temperature: float, top_p: float = 1.0,
-             max_new_tokens: int, batch_size: int = 64, seed: int = 0, device="cpu") -> list[Sample]:  # fmt: skip
-    """One response per prompt (greedy at temperature 0), cut after the first EOS."""
+def generate(
+    model_path: str,
+    prompts: list[list[int]],
+    tok,
+    *,
+    temperature: float,
+    top_p: float = 1.0,
+    max_new_tokens: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    device="cpu",
+    stop_ids: list[int] | None = None,
+) -> list[Sample]:
+    """One response per prompt (greedy at temperature 0), cut after its first stop token: `stop_ids`, by default
+    the model's own (tokenizer EOS and generation_config eos_token_id, rto.families.stop_token_ids)."""
+    sampling = sampling_settings(temperature, top_p)
     check_model_path(model_path, "model")
     lm = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+    check_context(lm, prompts, max_new_tokens, model_path)
+    stops = stop_token_ids(tok, model_path, []) if stop_ids is None else list(stop_ids)
     torch.manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        P = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), P), tok.pad_token_id, dtype=torch.long, device=device)
-        attn = torch.zeros_like(ids)
-        for b, p in enumerate(chunk):
-            ids[b, P - len(p) :] = torch.tensor(p)
-            attn[b, P - len(p) :] = 1
-        sampling = (
-            dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else {"do_sample": False}
-        )
-        seqs = lm.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, top_k=None,
-                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **sampling)  # fmt: skip
-        for p, row in zip(chunk, seqs[:, P:].tolist()):
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id) + 1]
-            out.append(Sample(p, row))
+        # left padding: every row's last prompt token sits in the same column, where decoding starts
+        ids, valid = pad_rows(chunk, tok.pad_token_id, side="left", device=device)  # [B, P]
+        seqs = lm.generate(
+            input_ids=ids,
+            attention_mask=valid.long(),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stops,
+            pad_token_id=tok.pad_token_id,
+            **sampling,
+        )  # [B, P + new]
+        rows = seqs[:, ids.shape[1] :].tolist()
+        out += [Sample(p, cut_at_stop(row, stops)[0]) for p, row in zip(chunk, rows)]  # HF pads after a stop
     return out
 
 
 @torch.no_grad()
 def reward_scores(rm_path: str, samples: list[Sample], tok, batch_size: int = 64, device="cpu") -> list[float]:
-    rm = ScalarModel(load_scalar_model(rm_path, ModelConfig(path=rm_path), "reward")).to(device).eval()
+    """The reward model's score of each prompt + response (its value at the last token), normalised as its
+    checkpoint states (OpenRLHF's mean/std), as PPO's rollouts score it."""
+    hf = load_scalar_model(rm_path, ModelConfig(path=rm_path), "reward")
+    rm, norm = ScalarModel(hf).to(device).eval(), reward_normalisation(hf)
+    mean, std = norm if norm is not None else (0.0, 1.0)
     scores = []
     for i in range(0, len(samples), batch_size):
         chunk = [s.prompt_ids + s.response_ids for s in samples[i : i + batch_size]]
-        T = max(len(x) for x in chunk)
-        ids = torch.full((len(chunk), T), tok.pad_token_id, dtype=torch.long, device=device)
-        attn = torch.zeros_like(ids)
-        for b, x in enumerate(chunk):
-            ids[b, : len(x)] = torch.tensor(x)
-            attn[b, : len(x)] = 1
-        scores += last_valid(rm(ids, attn), attn).tolist()
+        ids, valid = pad_rows(chunk, tok.pad_token_id, side="right", device=device)  # [B, T]
+        score = last_valid(rm(ids, valid.long()), valid)  # [B]
+        scores += ((score - mean) / std).tolist()
     return scores
 
 
@@ -86,32 +140,123 @@ def win_rate(scores: list[float], reference: list[float]) -> tuple[float, float]
     return mean, half
 
 
-def export(out_dir: Path, name: str, prompts: list[str], responses: list[str]) -> dict[str, str]:
-    """AlpacaEval model outputs and Arena-Hard answers for external judging."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    alpaca = out_dir / "alpaca_eval_outputs.json"
-    alpaca.write_text(json.dumps([{"instruction": p, "output": r, "generator": name}
-                                  for p, r in zip(prompts, responses)], indent=1))  # fmt: skip
-    arena = out_dir / "arena_hard_answers.jsonl"
+# ---- what the benchmarks read ----
+
+
+@dataclass
+class Question:
+    """A row as the benchmark knows it: its id, its prompt turns as the dataset holds them, its source set."""
+
+    uid: object
+    messages: list[dict]
+    dataset: str | None = None
+
+    @property
+    def instruction(self) -> str:
+        """The last user turn's text (the whole prompt of a one-turn row)."""
+        return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
+
+
+def questions_of(rows, prompts: list[list[int]], tok, data: DataConfig, name: str) -> list[Question]:
+    """The rows' questions, their prompt turns read as rto.data.tokenize_prompts reads them (rto.formats), and
+    checked to be what the model was given: its prompt ids must be the rendered turns (or, after
+    data.overlong=truncate, their end), so an export never pairs an answer with another text."""
+    keys = (data.chosen_key, data.rejected_key)
+    kind, column, _ = prompt_column(columns(rows), data.prompt_key, data.messages_key, keys)
+    out = []
+    for i, (row, ids) in enumerate(zip(rows, prompts)):
+        turns = prompt_row(row, kind, column, keys, data_format(data), Counter())
+        rendered = render(tok, turns, generation_prompt=True)
+        if rendered[len(rendered) - len(ids) :] != ids:
+            raise ConfigError(f"{name} row {i}: the prompt read for the exports is not the one tokenised")
+        uid = row.get("uid")
+        out.append(Question(str(i) if uid is None else uid, turns, row.get("dataset")))
+    return out
+
+
+def model_name(path: str) -> str:
+    """A model's name for the exports: a hub id's last part, or a folder's last part that is not one of this
+    trainer's save folders (`runs/rto-llama/hf/actor` -> `rto-llama`)."""
+    p = Path(path).expanduser()
+    parts = p.resolve().parts if p.exists() else Path(path).parts
+    names = [x for x in parts if x not in SAVE_FOLDERS and x != p.anchor]
+    return names[-1] if names else "model"
+
+
+def check_generator(name: str) -> str:
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise ConfigError(f"generator must be a file name (Arena-Hard names the answer file after it), got {name!r}")
+    return name
+
+
+def markdown_counts(answer: str) -> dict[str, dict[str, int]]:
+    """Arena-Hard's style features of an answer, as its utils/add_markdown_info.py counts them (headers, lists,
+    bold), code blocks left out. Its removal of code finds the text between ``` fences (the group) and deletes
+    that, keeping the fences; the same here, so the counts match theirs exactly."""
+    for block in re.findall(r"```([^`]*)```", answer):
+        answer = answer.replace(block, "")
+    return {
+        "header_count": {f"h{n}": len(re.findall(rf"^#{{{n}}}\s", answer, re.MULTILINE)) for n in range(1, 7)},
+        "list_count": {
+            "ordered": len(re.findall(r"^\s*\d+\.\s", answer, re.MULTILINE)),
+            "unordered": len(re.findall(r"^\s*[-*+]\s", answer, re.MULTILINE)),
+        },
+        "bold_count": {
+            "**": len(re.findall(r"\*\*[^*\n]+\*\*", answer)),
+            "__": len(re.findall(r"__[^_\n]+__", answer)),
+        },
+    }
+
+
+def export(
+    out_dir: Path, generator: str, questions: list[Question], answers: list[str], token_lens: list[int]
+) -> dict[str, str]:
+    """AlpacaEval model outputs and Arena-Hard answers (formats in the module docstring)."""
+    check_generator(generator)
+    alpaca = out_dir / "alpaca_eval" / "model_outputs.json"
+    alpaca.parent.mkdir(parents=True, exist_ok=True)
+    records = []
+    for q, a in zip(questions, answers):
+        source = {} if q.dataset is None else {"dataset": q.dataset}
+        records.append({"instruction": q.instruction, "output": a, "generator": generator, **source})
+    alpaca.write_text(json.dumps(records, indent=1, ensure_ascii=False))
+    arena = out_dir / "arena_hard" / f"{generator}.jsonl"
+    arena.parent.mkdir(parents=True, exist_ok=True)
     now = time.time()
-    with arena.open("w") as f:
-        for i, r in enumerate(responses):
-            row = {"question_id": str(i), "answer_id": uuid.uuid4().hex, "model_id": name,
-                   "choices": [{"index": 0, "turns": [{"content": r}]}], "tstamp": now}  # fmt: skip
-            f.write(json.dumps(row) + "\n")
+    with arena.open("w", encoding="utf-8") as f:
+        for q, a, n in zip(questions, answers, token_lens):
+            turns = q.messages + [{"role": "assistant", "content": {"answer": a}}]
+            metadata = {"token_len": n, **markdown_counts(a)}  # token_len first: Arena-Hard reads it by position
+            row = {"uid": q.uid, "ans_id": uuid.uuid4().hex, "model": generator, "messages": turns, "tstamp": now}
+            f.write(json.dumps({**row, "metadata": metadata}, ensure_ascii=False) + "\n")
     return {"alpaca_eval": str(alpaca), "arena_hard": str(arena)}
+
+
+def answer_ids(sample: Sample, stop_ids: list[int]) -> list[int]:
+    """A response's tokens without the stop token that ended it."""
+    ids = sample.response_ids
+    return ids[:-1] if ids and ids[-1] in stop_ids else ids
 
 
 def evaluate(cfg: EvalConfig) -> dict:
     """Generate, score and compare; writes results.json, responses.jsonl and the exports under the run folder."""
     tok = load_tokenizer(ModelConfig(path=cfg.model, pad_token=cfg.pad_token))
     rows = load_data_rows(cfg.data)
-    prompts, _ = tokenize_prompts(rows, tok, cfg.data, f"{cfg.data.path}[{cfg.data.split}]")
+    name = f"{cfg.data.path}[{cfg.data.split}]"
+    prompts, report = tokenize_prompts(rows, tok, cfg.data, name)
+    if report.kept != report.rows:
+        fix = "use data.overlong=truncate or fix the rows"
+        raise ConfigError(f"eval answers every question, but {report.summary()}: {fix}")
+    questions = questions_of(rows, prompts, tok, cfg.data, name)
     kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    samples = generate(cfg.model, prompts, tok, **kw)
-    result: dict = {"model": cfg.model, "n": len(samples), "temperature": cfg.temperature,
-                    "mean_length": statistics.fmean(len(s.response_ids) for s in samples)}  # fmt: skip
-    ref_samples = generate(cfg.reference, prompts, tok, **kw) if cfg.reference else None
+    stops = stop_token_ids(tok, cfg.model, cfg.stop_tokens)
+    samples = generate(cfg.model, prompts, tok, stop_ids=stops, **kw)
+    lengths = statistics.fmean(len(s.response_ids) for s in samples)
+    result: dict = {"model": cfg.model, "n": len(samples), "temperature": cfg.temperature, "mean_length": lengths}
+    ref_samples = None
+    if cfg.reference:
+        ref_stops = stop_token_ids(tok, cfg.reference, cfg.stop_tokens)
+        ref_samples = generate(cfg.reference, prompts, tok, stop_ids=ref_stops, **kw)
     metrics = {}
     if cfg.reward:
         metrics["rm_score"] = reward_scores(cfg.reward, samples, tok)
@@ -131,11 +276,17 @@ def evaluate(cfg: EvalConfig) -> dict:
             result[f"win_rate_vs_reference_{judge}"] = rate
             result[f"win_rate_vs_reference_{judge}_ci95"] = half
     out_dir = Path(cfg.output_dir) / cfg.name
-    texts = [tok.decode(s.prompt_ids, skip_special_tokens=True) for s in samples]
-    answers = [tok.decode(s.response_ids, skip_special_tokens=True) for s in samples]
-    result["exports"] = export(out_dir, cfg.name, texts, answers)
-    with (out_dir / "responses.jsonl").open("w") as f:
-        for i, (p, a) in enumerate(zip(texts, answers)):
-            f.write(json.dumps({"prompt": p, "response": a, **{k: v[i] for k, v in metrics.items()}}) + "\n")
+    kept = [answer_ids(s, stops) for s in samples]
+    answers = [tok.decode(ids, skip_special_tokens=True).strip() for ids in kept]
+    # EvalConfig.generator (a model-name setting) is the config owner's to add; until then the model's path names it
+    generator = getattr(cfg, "generator", None) or model_name(cfg.model)
+    result["generator"] = generator
+    # Arena-Hard's token_len counts the answer's text (in GPT-4o tokens there; in the model's own tokens here)
+    token_lens = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    result["exports"] = export(out_dir, generator, questions, answers, token_lens)
+    with (out_dir / "responses.jsonl").open("w", encoding="utf-8") as f:
+        for i, (q, a) in enumerate(zip(questions, answers)):
+            row = {"uid": q.uid, "prompt": q.instruction, "response": a, **{k: v[i] for k, v in metrics.items()}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
     return result

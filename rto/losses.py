@@ -1,7 +1,7 @@
 """Loss functions of the offline trainers: pure functions over tensors, shapes in the docstrings.
 
 Sequence log-prob sums h(y) = sum_t [log pi(y_t) - log pi_ref(y_t)] over response tokens; formulas from
-REFERENCE.md (DPO, IPO, R-DPO, SimPO, TDPO2, Bradley-Terry).
+docs/algorithm.md (DPO, IPO, R-DPO, SimPO, TDPO2, Bradley-Terry, and the PPO losses).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from rto.families import HeadSpec, head_logits
 
 
 def sft_loss(logp: torch.Tensor, n_tokens: int | torch.Tensor) -> torch.Tensor:
@@ -66,26 +68,42 @@ def preference_loss(
     return losses, beta * h_w.detach(), beta * h_l.detach()
 
 
-def _kl_chunk(h: torch.Tensor, w: torch.Tensor, h_ref: torch.Tensor, w_ref: torch.Tensor) -> torch.Tensor:
-    # hidden chunks take their head's dtype (under mixed precision the gathered reference head stays fp32)
-    logp = torch.log_softmax((h.to(w.dtype) @ w.T).float(), dim=-1)  # [C, V]
-    logp_ref = torch.log_softmax((h_ref.to(w_ref.dtype) @ w_ref.T).float(), dim=-1)  # [C, V]
+def _kl_chunk(h, w, b, h_ref, w_ref, b_ref, head, ref_head) -> torch.Tensor:
+    # hidden chunks take their head's dtype (under mixed precision the gathered reference head stays fp32); the
+    # biases come in as arguments so that checkpointing keeps their gradient
+    logp = torch.log_softmax(head_logits(h, w, _with_bias(head, b)), dim=-1)  # [C, V]
+    logp_ref = torch.log_softmax(head_logits(h_ref, w_ref, _with_bias(ref_head, b_ref)), dim=-1)  # [C, V]
     return (logp_ref.exp() * (logp_ref - logp)).sum(-1)  # [C]
 
 
+def _with_bias(head: HeadSpec | None, bias: torch.Tensor | None) -> HeadSpec | None:
+    return None if head is None else HeadSpec(bias, head.logit_scale, head.softcap)
+
+
 def full_vocab_kl(
-    hidden: torch.Tensor, weight: torch.Tensor, ref_hidden: torch.Tensor, ref_weight: torch.Tensor, chunk: int = 256
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    ref_hidden: torch.Tensor,
+    ref_weight: torch.Tensor,
+    chunk: int = 256,
+    *,
+    head: HeadSpec | None = None,
+    ref_head: HeadSpec | None = None,
 ) -> torch.Tensor:
     """KL(pi_ref(.|s_t) || pi(.|s_t)) over the full vocabulary at each of N positions -> [N] fp32.
 
-    hidden [N, H] and weight [V, H] of the policy (differentiable), ref_* of the frozen reference. Positions go
-    in chunks under activation checkpointing, so at most one chunk's pair of [chunk, V] logits is alive, in
-    the forward and again in the backward.
+    hidden [N, H] and weight [V, H] of the policy (differentiable, with its head's bias), ref_* of the frozen
+    reference; `head` / `ref_head` are the two heads' transforms (`rto.families.HeadSpec`; None: plain).
+    Positions go in chunks under activation checkpointing, so at most one chunk's pair of [chunk, V] logits is
+    alive, in the forward and again in the backward.
     """
+    bias = None if head is None else head.bias
+    ref_bias = None if ref_head is None else ref_head.bias
     out = []
     for i in range(0, hidden.shape[0], chunk):
         sl = slice(i, i + chunk)
-        out.append(checkpoint(_kl_chunk, hidden[sl], weight, ref_hidden[sl], ref_weight, use_reentrant=False))
+        args = (hidden[sl], weight, bias, ref_hidden[sl], ref_weight, ref_bias, head, ref_head)
+        out.append(checkpoint(_kl_chunk, *args, use_reentrant=False))
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
@@ -103,8 +121,8 @@ def ppo_policy_loss(
     loss = -torch.where(mask, surrogate, zero).sum()
     with torch.no_grad():
         clipped = mask & ((ratio - 1).abs() > clip_eps)
-        stats = {"clipped": clipped.sum().float(), "kl_old_k1": -log_ratio.sum(),
-                 "kl_old_k3": torch.where(mask, ratio - 1 - log_ratio, zero).sum()}  # fmt: skip
+        k3 = torch.where(mask, ratio - 1 - log_ratio, zero).sum()
+        stats = {"clipped": clipped.sum().float(), "kl_old_k1": -log_ratio.sum(), "kl_old_k3": k3}
     return loss, stats
 
 

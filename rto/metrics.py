@@ -32,9 +32,8 @@ class MetricLogger:
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "metrics.jsonl"
-        _keep_history(path, initial_step)
-        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
+        # appended: a resume continues the log (rto.rundir.claim has dropped the rows past the checkpoint)
+        self.file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -85,27 +84,6 @@ class MetricLogger:
             self.wandb.finish()
         if self.file is not None:
             self.file.close()
-
-
-def _keep_history(path: Path, initial_step: int) -> None:
-    """metrics.jsonl keeps the rows of steps up to the one the run starts from: steps logged after the checkpoint
-    it resumes (a run killed between a log line and the next save) are run again and must not appear twice."""
-    if not path.exists():
-        return
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):  # a line cut short by a crash while writing
-            dropped += 1
-            continue
-        if step <= initial_step:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        log.info("%s: dropped %d rows past step %d (they are run again)", path, dropped, initial_step)
-        path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def run_logger(run_dir: Path, run, d, *, total_steps: int, initial_step: int) -> MetricLogger:

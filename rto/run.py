@@ -1,10 +1,10 @@
 """What every training command does around its loop: start-up, optimisers and schedules, resume, phase timing.
 
 Both loops (the offline trainers in `rto.trainers.offline`, PPO/RTO in `rto.trainers.ppo`) build on these:
-- `start_run`: process group, validation against the real world size, logging, the run folder and its config;
+- `start_run`: process group, validation against the real world size, logging, the run folder claimed for this
+  run (`rto.rundir`: lock, owner, the checkpoint `run.resume` picks) and its config;
 - `Trainable` / `build_trainable`: one model with its AdamW optimiser, cosine schedule and gradient clip, and
   `Trainable.step()`, the clip-check-step-schedule sequence of one optimiser update;
-- `resume_path`: which checkpoint `run.resume` asks for;
 - `Timer`: wall time per phase, with a timed-out collective reported under the phase's name;
 - `StopSignals` / `PreemptedError`: SIGTERM and SIGINT end a run after a checkpoint of its last finished step.
 """
@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rto.checkpoint import latest_checkpoint
 from rto.config import OptimConfig, to_yaml, validate
 from rto.parallel import Dist, clip_grad_norm, init_distributed, named_collectives
+from rto.rundir import RunLock, claim, identity_of
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +36,35 @@ class ResumeError(ValueError):
     """A checkpoint that this run cannot continue from (missing, or written by a different run)."""
 
 
-def start_run(cfg) -> tuple[Dist, Path]:
-    """Process group, validation against the real world size, logging, run folder with its config.yaml."""
+# The settings a checkpoint can only be continued under (with the command): what the run trains, on what, and
+# what shapes its optimiser state and data order. A resume under other values is refused, naming the field.
+_OFFLINE_KEYS = ("model.path", "data.path", "data.split", "train.seed", "train.global_batch_size", "optim.betas")
+IDENTITY_KEYS = {
+    "sft": _OFFLINE_KEYS,
+    "rm": _OFFLINE_KEYS,
+    "dpo": (*_OFFLINE_KEYS, "loss", "ref"),
+    "ppo": (
+        "algo",
+        "estimator",
+        "actor.path",
+        "ref",
+        "dpo",
+        "reward",
+        "critic",
+        "data.path",
+        "train.seed",
+        "train.train_batch_size",
+        "rollout.prompts_per_step",
+        "rollout.samples_per_prompt",
+        "actor_optim.betas",
+        "critic_optim.betas",
+    ),
+}
+
+
+def start_run(cfg, command: str) -> tuple[Dist, Path, RunLock]:
+    """Process group, validation against the real world size, logging, then the run folder: claimed for this
+    run (locked, its owner checked, the checkpoint to resume from picked: `lock.checkpoint`), with config.yaml."""
     d = init_distributed(cfg.parallel.timeout_s)
     validate(cfg, d.world_size)
     log_format = "%(asctime)s %(name)s: %(message)s"
@@ -45,23 +72,13 @@ def start_run(cfg) -> tuple[Dist, Path]:
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+    identity = identity_of(command, cfg, IDENTITY_KEYS[command])
+    lock = claim(run_dir, identity, resume=cfg.run.resume, overwrite=cfg.run.overwrite, is_main=d.is_main)
+    if lock.checkpoint is None and cfg.run.resume == "auto":
+        log.info("run.resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
+    if d.is_main:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return d, run_dir
-
-
-def resume_path(cfg, run_dir: Path) -> Path | None:
-    """The checkpoint run.resume asks for: none, the newest of this run (auto), or a given folder."""
-    if cfg.run.resume is None:
-        return None
-    if cfg.run.resume == "auto":
-        found = latest_checkpoint(run_dir)
-        if found is None:
-            log.info("run.resume=auto: no checkpoint in %s yet, starting fresh", run_dir)
-        return found
-    path = Path(cfg.run.resume)
-    if not path.is_dir():
-        raise ResumeError(f"run.resume: no checkpoint folder at {path}")
-    return path
+    return d, run_dir, lock
 
 
 def cosine_schedule(optimizer, total: int, warmup_ratio: float, min_ratio: float):

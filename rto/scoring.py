@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rto.config import RewardConfig
 from rto.forward import Packed, action_values, policy_logp, token_values
 from rto.rollout.engine import RolloutBatch
 from rto.tensors import last_valid
@@ -36,7 +35,7 @@ def score_rollout(
     dpo: nn.Module | None,
     critic: nn.Module | None,
     reward_model: nn.Module,
-    rewards: RewardConfig,
+    score_norm: tuple[float, float] | None,
     temperature: float,
     micro_batch_size: int,
     packing: bool = False,
@@ -57,6 +56,6 @@ def score_rollout(
         )
     cat = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in parts[0]}
     score = cat["raw_score"]
-    if rewards.score_mean is not None:
-        score = (score - rewards.score_mean) / rewards.score_std
+    if score_norm is not None:  # (mean, std): rewards.score_mean/score_std, or what the reward model states
+        score = (score - score_norm[0]) / score_norm[1]
     return Scored(score=score, **cat)

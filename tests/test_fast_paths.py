@@ -109,9 +109,8 @@ def test_sample_top_k_top_p_and_the_logp_it_reports(gen):
 
 def _tiny_lm(vocab: int = 61) -> LlamaForCausalLM:
     torch.manual_seed(SEED)
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         pad_token_id=0)  # fmt: skip
+    sizes = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = LlamaConfig(**sizes, num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0)
     return LlamaForCausalLM(config).eval()
 
 
@@ -125,8 +124,9 @@ class _Tok:
 def _hf_greedy(lm, prompts, eos, max_new):
     rows = []
     for p in prompts:  # one at a time: no padding at all on the Hugging Face side
-        out = lm.generate(input_ids=torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                          do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0)  # fmt: skip
+        ids = torch.tensor([p])
+        greedy = dict(do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=0)
+        out = lm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **greedy)
         rows.append(out[0, len(p) :].tolist())
     return rows
 
@@ -167,8 +167,8 @@ def test_decode_loop_is_hf_greedy_decoding_at_top_k_1(gen, stop, kv_cache):
     # the reported log-probs are the model's own, under the full softmax
     with torch.no_grad():
         logp = PolicyModel(lm)(batch.input_ids, batch.attention_mask, loss_mask=batch.response_mask)["logp"]
-    compare = batch.response_mask & ~(batch.truncated[:, None] & (batch.response_mask.cumsum(1) ==
-                                                                   batch.response_lengths[:, None]))  # fmt: skip
+    last = batch.response_mask.cumsum(1) == batch.response_lengths[:, None]  # each response's last token
+    compare = batch.response_mask & ~(batch.truncated[:, None] & last)  # a forced EOS was not sampled
     torch.testing.assert_close(batch.rollout_logp[compare], logp[compare], rtol=0, atol=1e-5)
 
 

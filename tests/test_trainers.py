@@ -103,7 +103,7 @@ def test_resume_refuses_a_changed_batch_size(assets, tmp_path):
     args = run_args(assets, tmp_path, "sft", "r", "train.max_steps=2")
     sft.main(load_config("sft", None, args))
     args = run_args(assets, tmp_path, "sft", "r", "train.max_steps=4", "run.resume=auto", "train.global_batch_size=8")
-    with pytest.raises(ValueError, match="with global batch 16, this run has .* and 8"):
+    with pytest.raises(ValueError, match="records train.global_batch_size=16, this run has train.global_batch_size=8"):
         sft.main(load_config("sft", None, args))
 
 

@@ -1,8 +1,10 @@
 """The rollout protocol: what an engine takes (prompt token ids) and what it returns (a RolloutBatch).
 
 Both engines (`hf`, built in; `vllm`, colocated) return right-padded sequences, prompt then response, so the
-trainer's forwards need no position-id handling. A response that reaches the length cap without EOS gets EOS
-forced on its last token (OpenRLHF's behaviour, REFERENCE.md); such rows are flagged in `truncated`.
+trainer's forwards need no position-id handling. A response ends at its first stop token (the tokenizer's EOS,
+the model's generation-config EOS ids, extra stop tokens: `rto.families.stop_token_ids`). One that reaches the
+length cap without one gets the primary EOS forced on its last token (OpenRLHF's behaviour,
+docs/algorithm.md); such rows are flagged in `truncated`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+from rto.families import cut_at_stop
+from rto.tensors import pad_rows
 
 
 @dataclass
@@ -39,37 +44,32 @@ class Engine(Protocol):
         ...
 
 
-def assemble(prompts: list[list[int]], responses: list[list[int]], logps: list[list[float]], *, eos_id: int,
-             pad_id: int, max_new_tokens: int, device) -> RolloutBatch:  # fmt: skip
-    """Right-padded batch from per-row prompt ids, sampled response ids (cut after the first EOS) and their
-    log-probs. A response without EOS at the cap gets its last token replaced by EOS (its log-prob kept as
-    sampled: `truncated` marks those rows)."""
+def assemble(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    logps: list[list[float]],
+    *,
+    stop_ids: list[int],
+    pad_id: int,
+    max_new_tokens: int,
+    device,
+) -> RolloutBatch:
+    """Right-padded batch from per-row prompt ids, sampled response ids (cut after the first stop token) and
+    their log-probs. A response without a stop token at the cap gets its last token replaced by the primary
+    EOS, `stop_ids[0]` (its log-prob kept as sampled: `truncated` marks those rows)."""
     rows, masks, lps, cut = [], [], [], []
     for p, r, lp in zip(prompts, responses, logps):
-        r, lp = list(r), list(lp)
-        if eos_id in r:
-            end = r.index(eos_id) + 1
-            r, lp = r[:end], lp[:end]
-            cut.append(False)
-        else:
-            if len(r) < max_new_tokens:  # an engine stopped early without EOS: not a cap, keep as is
-                cut.append(False)
-            else:
-                r[-1] = eos_id
-                cut.append(True)
+        r, stopped = cut_at_stop(r, stop_ids)
+        lp = list(lp[: len(r)])
+        capped = not stopped and len(r) >= max_new_tokens  # an engine that stopped early without one: kept
+        if capped:
+            r[-1] = stop_ids[0]
+        cut.append(capped)
         rows.append(p + r)
         masks.append([False] * len(p) + [True] * len(r))
         lps.append([0.0] * len(p) + lp)
-    T = max(len(x) for x in rows)
-    B = len(rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.long)
-    resp = torch.zeros(B, T, dtype=torch.bool)
-    logp = torch.zeros(B, T, dtype=torch.float32)
-    for b, (x, m, lp) in enumerate(zip(rows, masks, lps)):
-        ids[b, : len(x)] = torch.tensor(x)
-        attn[b, : len(x)] = 1
-        resp[b, : len(x)] = torch.tensor(m)
-        logp[b, : len(x)] = torch.tensor(lp, dtype=torch.float32)
-    return RolloutBatch(ids.to(device), attn.to(device), resp.to(device), logp.to(device),
-                        torch.tensor(cut, dtype=torch.bool, device=device))  # fmt: skip
+    ids, valid = pad_rows(rows, pad_id, device=device)  # [B, T]
+    resp, _ = pad_rows(masks, False, dtype=torch.bool, device=device)
+    logp, _ = pad_rows(lps, 0.0, dtype=torch.float32, device=device)
+    truncated = torch.tensor(cut, dtype=torch.bool, device=device)
+    return RolloutBatch(ids, valid.long(), resp, logp, truncated)

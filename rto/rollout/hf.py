@@ -4,8 +4,10 @@ For the generation phase every FSDP2 unit of the actor is gathered once and kept
 all-gathers), then resharded for training. Each step runs the decoder on the new token, the LM head on the last
 position only ([B, V] logits: nothing of size [B, L, V] is kept), and samples with `rollout.sampling.sample`
 (temperature, top-k, top-p; one random number per row); the engine's log-prob of each sampled token is taken
-from the full softmax at the rollout temperature. Sampling stops at EOS or at max new tokens. Weight sync is
-free: the engine is the actor.
+from the full softmax at the rollout temperature. The head applies the model family's transforms (bias, logit
+scale, softcap: `rto.families.head_logits`), as the fused head does. Sampling stops at any stop token
+(`stop_ids`: the tokenizer's EOS and the model's generation-config EOS ids by default) or at max new tokens.
+Weight sync is free: the engine is the actor.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import DynamicCache, StaticCache
 
 from rto.config import RolloutConfig
+from rto.families import head_form, head_logits, head_spec
 from rto.rollout.engine import RolloutBatch, assemble
 from rto.rollout.sampling import sample
+from rto.tensors import pad_rows
 
 _STOP_EVERY = 8  # decode steps between checks that every row has ended (each check is a host sync on GPU)
 
@@ -41,10 +45,23 @@ def gathered(root: nn.Module):
 
 
 class HFEngine:
-    def __init__(self, actor: nn.Module, lm: nn.Module, tokenizer, cfg: RolloutConfig, device: torch.device):
-        """actor: the FSDP2 root (a PolicyModel); lm: the HF causal LM inside it."""
+    def __init__(
+        self,
+        actor: nn.Module,
+        lm: nn.Module,
+        tokenizer,
+        cfg: RolloutConfig,
+        device: torch.device,
+        stop_ids: list[int] | None = None,
+    ):
+        """actor: the FSDP2 root (a PolicyModel); lm: the HF causal LM inside it; stop_ids: the tokens that end
+        a response, primary EOS first (`rto.families.stop_token_ids`; default: the tokenizer's EOS alone)."""
         self.actor, self.lm, self.cfg, self.device = actor, lm, cfg, device
-        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.stop_ids = [tokenizer.eos_token_id] if stop_ids is None else [int(t) for t in stop_ids]
+        if not self.stop_ids or self.stop_ids[0] is None:
+            raise ValueError("HFEngine: no stop token (the tokenizer has no EOS and no stop_ids were given)")
+        self.eos_id, self.pad_id = self.stop_ids[0], tokenizer.pad_token_id
+        self.head_form = head_form(lm)
         self._initialised = False
         self._compiled = None
 
@@ -73,8 +90,15 @@ class HFEngine:
                 responses += r
                 logps += lp
         self.lm.train(was_training)
-        return assemble(prompts, responses, logps, eos_id=self.eos_id, pad_id=self.pad_id,
-                        max_new_tokens=c.max_new_tokens, device=self.device)  # fmt: skip
+        return assemble(
+            prompts,
+            responses,
+            logps,
+            stop_ids=self.stop_ids,
+            pad_id=self.pad_id,
+            max_new_tokens=c.max_new_tokens,
+            device=self.device,
+        )
 
     def _generate_chunk(self, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
         """Decode one micro-batch: prefill the left-padded prompts, then one token per step from the last
@@ -95,40 +119,47 @@ class HFEngine:
         tokens = torch.full((B, c.max_new_tokens), self.pad_id, dtype=torch.long, device=self.device)
         logps = torch.zeros((B, c.max_new_tokens), dtype=torch.float32, device=self.device)
         ended = torch.zeros(B, dtype=torch.bool, device=self.device)
+        stops = torch.tensor(self.stop_ids, device=self.device)
         # prefill (never compiled: its shape changes with every micro-batch's prompt length)
-        logits = self._logits(ids, positions, attn if static else attn[:, :P], cache,
-                              torch.arange(P, device=self.device))  # fmt: skip
+        prefill_position = torch.arange(P, device=self.device)
+        logits = self._logits(ids, positions, attn if static else attn[:, :P], cache, prefill_position)
         step_fn = self._compiled_step() if c.compile_decode else self._logits
         pos = positions[:, -1:]
         for t in range(c.max_new_tokens):
             tok, lp = sample(logits, top_k=c.top_k, top_p=c.top_p)
             tokens[:, t] = torch.where(ended, self.pad_id, tok)
             logps[:, t] = torch.where(ended, 0.0, lp)
-            ended |= tok == self.eos_id
+            ended |= torch.isin(tok, stops)
             if t + 1 == c.max_new_tokens or ((t + 1) % _STOP_EVERY == 0 and bool(ended.all())):
                 break
             attn[:, P + t] = 1
             pos = pos + 1
             cache_position = torch.full((1,), P + t, dtype=torch.long, device=self.device)
             logits = step_fn(tok[:, None], pos, attn if static else attn[:, : P + t + 1], cache, cache_position)
-        return tokens.tolist(), logps.tolist()  # `assemble` cuts each row after its first EOS
+        return tokens.tolist(), logps.tolist()  # `assemble` cuts each row after its first stop token
 
     def left_padded(self, prompts: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompts left-padded to the longest one (batched decoding): ids [B, P] and an attention mask [B, width]
         (width >= P) that is 1 on each prompt's tokens and 0 on the padding and on the room after P."""
-        P = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), P), self.pad_id, dtype=torch.long, device=self.device)
+        ids, valid = pad_rows(prompts, self.pad_id, side="left", device=self.device)  # [B, P]
         attn = torch.zeros((len(prompts), width), dtype=torch.long, device=self.device)
-        for b, p in enumerate(prompts):
-            ids[b, P - len(p) :] = torch.tensor(p, device=self.device)
-            attn[b, P - len(p) : P] = 1
+        attn[:, : ids.shape[1]] = valid
         return ids, attn
 
     def _logits(self, ids, positions, attn, cache, cache_position) -> torch.Tensor:
-        """fp32 logits [B, V] at the last position, at the rollout temperature."""
-        h = self.lm.get_decoder()(input_ids=ids, attention_mask=attn, position_ids=positions, past_key_values=cache,
-                                  cache_position=cache_position, use_cache=True).last_hidden_state[:, -1]  # fmt: skip
-        logits = (h @ self.lm.get_output_embeddings().weight.T).float()
+        """fp32 logits [B, V] at the last position, with the head's transforms, at the rollout temperature."""
+        decoder = self.lm.get_decoder()
+        out = decoder(
+            input_ids=ids,
+            attention_mask=attn,
+            position_ids=positions,
+            cache=cache,
+            cache_position=cache_position,
+            use_cache=True,
+        )
+        h = out.last_hidden_state[:, -1]  # [B, H]
+        head = head_spec(self.lm, self.head_form)  # the bias as it is now: unsharded while generating
+        logits = head_logits(h, self.lm.get_output_embeddings().weight, head)
         return logits if self.cfg.temperature == 1.0 else logits / self.cfg.temperature
 
     def _compiled_step(self):

@@ -10,6 +10,7 @@
   `rollout.vllm_bucket_mb` through `LLM.apply_model(model.load_weights)`; the prefix cache is reset after.
 - Log-probs: vLLM returns the sampled tokens' log-probs (`logprobs=0`, processed at the rollout temperature
   when the installed vLLM supports `logprobs_mode`).
+- Stop tokens: every id of `stop_ids` (`rto.families.stop_token_ids`) stops a response (`stop_token_ids`).
 vLLM is an optional dependency (`pip install rto[vllm]`); its tests are marked `vllm`.
 """
 
@@ -25,19 +26,37 @@ from rto.rollout.weight_sync import stream_weights
 
 
 class VLLMEngine:
-    def __init__(self, lm: nn.Module, model_path: str, tokenizer, cfg: RolloutConfig, device: torch.device,
-                 seed: int):  # fmt: skip
+    def __init__(
+        self,
+        lm: nn.Module,
+        model_path: str,
+        tokenizer,
+        cfg: RolloutConfig,
+        device: torch.device,
+        seed: int,
+        stop_ids: list[int] | None = None,
+    ):
+        """stop_ids: the tokens that end a response, primary EOS first (`rto.families.stop_token_ids`; default:
+        the tokenizer's EOS alone); all of them go to vLLM as `stop_token_ids`."""
         try:
             from vllm import LLM
         except ImportError as e:
             raise ImportError("rollout.engine=vllm needs vLLM: pip install 'rto[vllm]' (GPU only)") from e
         self.lm, self.cfg, self.device = lm, cfg, device
-        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.stop_ids = [tokenizer.eos_token_id] if stop_ids is None else [int(t) for t in stop_ids]
+        self.pad_id = tokenizer.pad_token_id
         world = dist.get_world_size() if dist.is_initialized() else 1
-        kwargs = dict(model=model_path, tokenizer=model_path, tensor_parallel_size=world, seed=seed,
-                      distributed_executor_backend="external_launcher", enable_sleep_mode=True,
-                      gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_prefix_caching=True,
-                      dtype="bfloat16")  # fmt: skip
+        kwargs = dict(
+            model=model_path,
+            tokenizer=model_path,
+            tensor_parallel_size=world,
+            seed=seed,
+            distributed_executor_backend="external_launcher",
+            enable_sleep_mode=True,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            enable_prefix_caching=True,
+            dtype="bfloat16",
+        )
         try:
             self.llm = LLM(**kwargs, logprobs_mode="processed_logprobs")
         except TypeError:  # older vLLM: raw log-probs (exact at temperature 1)
@@ -49,8 +68,11 @@ class VLLMEngine:
         self.llm.wake_up(tags=["weights"])
         self.weights_awake = True
         bucket_bytes = self.cfg.vllm_bucket_mb * 2**20
-        stream_weights(self.lm, lambda bucket: self.llm.apply_model(lambda model: model.load_weights(bucket)),
-                       bucket_bytes)  # fmt: skip
+
+        def load(bucket):
+            self.llm.apply_model(lambda model: model.load_weights(bucket))
+
+        stream_weights(self.lm, load, bucket_bytes)
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[list[int]]) -> RolloutBatch:
@@ -62,16 +84,29 @@ class VLLMEngine:
         mine, everyone = _gather_prompts(prompts)
         self.llm.wake_up(tags=["kv_cache"])
         c = self.cfg
-        params = SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k or -1,
-                                max_tokens=c.max_new_tokens, logprobs=0)  # fmt: skip
+        params = SamplingParams(
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k or -1,
+            max_tokens=c.max_new_tokens,
+            logprobs=0,
+            stop_token_ids=self.stop_ids,
+        )
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in everyone], params, use_tqdm=False)
         self.llm.sleep(level=1)
         self.weights_awake = False
         outs = [outs[i] for i in mine]
         responses = [list(o.outputs[0].token_ids) for o in outs]
         logps = [[lp[t].logprob for t, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in outs]
-        return assemble(prompts, responses, logps, eos_id=self.eos_id, pad_id=self.pad_id,
-                        max_new_tokens=c.max_new_tokens, device=self.device)  # fmt: skip
+        return assemble(
+            prompts,
+            responses,
+            logps,
+            stop_ids=self.stop_ids,
+            pad_id=self.pad_id,
+            max_new_tokens=c.max_new_tokens,
+            device=self.device,
+        )
 
 
 def _gather_prompts(prompts: list[list[int]]) -> tuple[list[int], list[list[int]]]:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from rto import build
 from rto.config import DPOConfig
 from rto.data import model_inputs, per_sequence_sum, tokenize_pairs
 from rto.losses import preference_loss
-from rto.models import PolicyModel, load_causal_lm
-from rto.parallel import freeze, full_tensor, shard
 from rto.trainers.offline import Task, run
 from rto.trainers.rm import pair_batch, pair_stats
 
@@ -21,14 +20,14 @@ from rto.trainers.rm import pair_batch, pair_stats
 def build_task(ctx) -> Task:
     cfg: DPOConfig = ctx.cfg
     d = ctx.d
-    lm = load_causal_lm(cfg.model.path, cfg.model)
-    policy = shard(PolicyModel(lm), lm, cfg.parallel, d.device)
+    common = dict(parallel=cfg.parallel, device=d.device, packing="data.packing" if cfg.data.packing else None)
+    policy, lm = build.policy(cfg.model.path, cfg.model, "model.path", **common)
     ref = ref_head = None
     if cfg.loss != "simpo":
-        ref_lm = load_causal_lm(cfg.ref or cfg.model.path, cfg.model, what="ref" if cfg.ref else "model.path")
-        ref = freeze(shard(PolicyModel(ref_lm), ref_lm, cfg.parallel, d.device))
+        ref_what = "ref" if cfg.ref else "model.path"
+        ref, _ = build.policy(cfg.ref or cfg.model.path, cfg.model, ref_what, **common, frozen=True)
         if cfg.loss == "tdpo":
-            ref_head = full_tensor(ref.head_weight.detach())  # gathered once: the reference never changes
+            ref_head = ref.gathered_head()  # (weight, head spec), gathered once: the reference never changes
     pad = ctx.tokenizer.pad_token_id
     kw = dict(
         beta=cfg.beta,
@@ -52,7 +51,7 @@ def build_task(ctx) -> Task:
                 r = ref(**inputs, return_hidden=cfg.loss == "tdpo")
             ref_w, ref_l = chosen_rejected(r["logp"])
             if cfg.loss == "tdpo":
-                kl_ref = (r["hidden"], ref_head)
+                kl_ref = (r["hidden"], *ref_head)
         out = policy(**inputs, kl_ref=kl_ref, kl_chunk=cfg.tdpo_chunk)
         if kl_ref is not None:
             kl_w, kl_l = chosen_rejected(out["kl"])
@@ -77,4 +76,4 @@ def build_task(ctx) -> Task:
 
 
 def main(cfg: DPOConfig) -> dict[str, float]:
-    return run(cfg, tokenize_pairs, build_task)
+    return run(cfg, "dpo", tokenize_pairs, build_task)

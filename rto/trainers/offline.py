@@ -35,11 +35,11 @@ from rto.models import load_tokenizer
 from rto.parallel import Dist, all_reduce_sum, named_collectives
 from rto.run import (
     ResumeError,
+    RunLock,
     StopSignals,
     Trainable,
     build_trainable,
     checkpoint_trainables,
-    resume_path,
     start_run,
 )
 
@@ -62,13 +62,14 @@ class Context:
     d: Dist
     run_dir: Path
     tokenizer: object
+    lock: RunLock  # the claimed run folder; lock.checkpoint: what to resume from (None: a fresh start)
 
 
-def setup(cfg: OfflineConfig) -> Context:
+def setup(cfg: OfflineConfig, command: str) -> Context:
     """start_run, then the tokenizer."""
-    d, run_dir = start_run(cfg)
+    d, run_dir, lock = start_run(cfg, command)
     torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank (e.g. a new scalar head)
-    return Context(cfg=cfg, d=d, run_dir=run_dir, tokenizer=load_tokenizer(cfg.model))
+    return Context(cfg=cfg, d=d, run_dir=run_dir, tokenizer=load_tokenizer(cfg.model), lock=lock)
 
 
 def load_items(ctx: Context, tokenize: Callable) -> tuple[list, list]:
@@ -88,13 +89,16 @@ def load_items(ctx: Context, tokenize: Callable) -> tuple[list, list]:
     return train, held_out
 
 
-def run(cfg: OfflineConfig, tokenize: Callable, build_task: Callable[[Context], Task]) -> dict[str, float]:
+def run(
+    cfg: OfflineConfig, command: str, tokenize: Callable, build_task: Callable[[Context], Task]
+) -> dict[str, float]:
     """Set up, load and tokenise the data (errors surface before any model loads), build the task, train."""
-    ctx = setup(cfg)
-    train, held_out = load_items(ctx, tokenize)
-    task = build_task(ctx)
-    torch.manual_seed(cfg.train.seed + ctx.d.rank)  # per-rank streams from here on
-    return fit(task, train, held_out, ctx)
+    ctx = setup(cfg, command)
+    with ctx.lock:
+        train, held_out = load_items(ctx, tokenize)
+        task = build_task(ctx)
+        torch.manual_seed(cfg.train.seed + ctx.d.rank)  # per-rank streams from here on
+        return fit(task, train, held_out, ctx)
 
 
 def split_eval(items: list, cfg: OfflineConfig, eval_items: list | None) -> tuple[list, list]:
@@ -144,9 +148,9 @@ def fit(task: Task, train_items: list, eval_items: list, ctx: Context) -> dict[s
     trainable = build_trainable("model", task.model, o, total)
 
     step = 0
-    resume = resume_path(cfg, ctx.run_dir)
+    resume = ctx.lock.checkpoint
     if resume is not None:
-        state = load_checkpoint(resume, checkpoint_trainables([trainable]), d)
+        state = load_checkpoint(resume, checkpoint_trainables([trainable]), d, seed=t.seed)
         if state["n_train"] != len(train_items) or state["global_batch_size"] != t.global_batch_size:
             raise ResumeError(
                 f"cannot resume from {resume}: it was trained on {state['n_train']} items with global batch "
@@ -219,5 +223,5 @@ def _save(trainable: Trainable, step: int, n_train: int, ctx: Context) -> Path:
     }
     trainables = checkpoint_trainables([trainable])
     path = checkpoint_dir(ctx.run_dir, step)
-    save_checkpoint(path, trainables, state, ctx.d, ctx.cfg.run.keep_last)
+    save_checkpoint(path, trainables, state, ctx.d, ctx.cfg.run.keep_last, identity=ctx.lock.identity)
     return path

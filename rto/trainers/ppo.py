@@ -25,24 +25,26 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from rto import build
 from rto.advantages import compute_advantages
 from rto.checkpoint import checkpoint_dir, export_hf, load_checkpoint, save_checkpoint
 from rto.config import ConfigError, PPOConfig
 from rto.data import epoch_batches, load_data_rows, require_rows, tokenize_prompts
+from rto.families import stop_token_ids
 from rto.guard import NonFiniteGuard
 from rto.metrics import run_logger
-from rto.models import PolicyModel, ScalarModel, check_model_path, load_causal_lm, load_scalar_model, load_tokenizer
-from rto.parallel import Dist, all_reduce_sum, freeze, shard
+from rto.models import check_model_path, load_tokenizer, reward_normalisation
+from rto.parallel import Dist, all_reduce_sum
 from rto.rollout.engine import RolloutBatch
 from rto.rollout.hf import HFEngine
 from rto.run import (
     ResumeError,
+    RunLock,
     StopSignals,
     Timer,
     Trainable,
     build_trainable,
     checkpoint_trainables,
-    resume_path,
     start_run,
 )
 from rto.scoring import Scored, score_rollout
@@ -62,6 +64,7 @@ class Models:
     critic: nn.Module | None  # ScalarModel, trainable (None for reinforce++)
     critic_hf: nn.Module | None
     reward: nn.Module  # ScalarModel, frozen
+    reward_norm: tuple[float, float] | None = None  # (mean, std) the reward model's checkpoint states, if any
 
 
 def check_same_tokenizer(actor_tok, path: str, what: str) -> None:
@@ -79,30 +82,28 @@ def check_same_tokenizer(actor_tok, path: str, what: str) -> None:
 
 
 def build_models(cfg: PPOConfig, d: Dist) -> Models:
-    m, p = cfg.actor, cfg.parallel
-    lm = load_causal_lm(m.path, m, "actor.path")
-    actor = shard(PolicyModel(lm), lm, p, d.device)
-    ref_lm = load_causal_lm(cfg.ref or m.path, m, "ref" if cfg.ref else "actor.path")
-    ref = freeze(shard(PolicyModel(ref_lm), ref_lm, p, d.device))
-    dpo = None
-    if cfg.algo != "ppo":
-        dpo_lm = load_causal_lm(cfg.dpo, m, "dpo")
-        dpo = freeze(shard(PolicyModel(dpo_lm), dpo_lm, p, d.device))
-    rm_hf = load_scalar_model(cfg.reward, m, "reward")
-    reward = freeze(shard(ScalarModel(rm_hf), rm_hf, p, d.device))
+    m, packing = cfg.actor, "train.packing" if cfg.train.packing else None
+    common = dict(parallel=cfg.parallel, device=d.device, packing=packing)
+    actor, lm = build.policy(m.path, m, "actor.path", **common)
+    ref, _ = build.policy(cfg.ref or m.path, m, "ref" if cfg.ref else "actor.path", **common, frozen=True)
+    dpo = build.policy(cfg.dpo, m, "dpo", **common, frozen=True)[0] if cfg.algo != "ppo" else None
+    reward, rm_hf = build.scalar(cfg.reward, m, "reward", **common, frozen=True)
     critic = critic_hf = None
     if cfg.estimator == "gae":
-        critic_hf = load_scalar_model(cfg.critic or cfg.reward, m, "critic" if cfg.critic else "reward")
-        critic = shard(ScalarModel(critic_hf), critic_hf, p, d.device)
-    return Models(actor, lm, ref, dpo, critic, critic_hf, reward)
+        critic, critic_hf = build.scalar(cfg.critic or cfg.reward, m, "critic" if cfg.critic else "reward", **common)
+    return Models(actor, lm, ref, dpo, critic, critic_hf, reward, reward_normalisation(rm_hf))
 
 
 def build_engine(cfg: PPOConfig, models: Models, tokenizer, d: Dist):
+    """The rollout engine; it stops a response at any of the model's stop tokens (tokenizer EOS, the model's
+    generation_config eos ids, rollout.stop_tokens)."""
+    stops = stop_token_ids(tokenizer, cfg.actor.path, cfg.rollout.stop_tokens)
     if cfg.rollout.engine == "vllm":
         from rto.rollout.vllm import VLLMEngine
 
-        return VLLMEngine(models.actor_lm, cfg.actor.path, tokenizer, cfg.rollout, d.device, cfg.train.seed)
-    return HFEngine(models.actor, models.actor_lm, tokenizer, cfg.rollout, d.device)
+        lm, seed = models.actor_lm, cfg.train.seed
+        return VLLMEngine(lm, cfg.actor.path, tokenizer, cfg.rollout, d.device, seed, stop_ids=stops)
+    return HFEngine(models.actor, models.actor_lm, tokenizer, cfg.rollout, d.device, stop_ids=stops)
 
 
 def build_trainables(cfg: PPOConfig, models: Models) -> list[Trainable]:
@@ -152,6 +153,12 @@ class PPOTrainer:
         self.guard, self.rollout_metrics, self.timer = guard, rollout_metrics, timer
         self.advantages = advantages or compute_advantages
         self.steps_done = 0
+        self.identity: dict | None = None  # the run's identity, recorded in each checkpoint (set by main)
+        r = cfg.rewards
+        self.score_norm = (r.score_mean, r.score_std) if r.score_mean is not None else models.reward_norm
+        if self.score_norm is not None and d.is_main:
+            source = "rewards.score_mean/score_std" if r.score_mean is not None else "the reward model's config"
+            log.info("reward-model scores normalised as (score - %g) / %g (%s)", *self.score_norm, source)
 
     @classmethod
     def build(cls, cfg: PPOConfig, d: Dist, tokenizer, guard: NonFiniteGuard, **kwargs) -> PPOTrainer:
@@ -188,7 +195,7 @@ class PPOTrainer:
         m, c = self.models, self.cfg
         models = dict(actor=m.actor, ref=m.ref, dpo=m.dpo, critic=m.critic, reward_model=m.reward)
         settings = dict(temperature=c.rollout.temperature, micro_batch_size=c.train.micro_batch_size)
-        return score_rollout(batch, **models, rewards=c.rewards, **settings, packing=c.train.packing)
+        return score_rollout(batch, **models, score_norm=self.score_norm, **settings, packing=c.train.packing)
 
     def update(self, batch, scored, adv, returns) -> dict[str, torch.Tensor]:
         update = ppo_update(batch, scored, adv, returns, self.trainables, self.cfg, self.d, self.steps_done)
@@ -217,11 +224,12 @@ class PPOTrainer:
         schedulers = {tr.name: tr.scheduler.state_dict() for tr in self.trainables}
         state = {"step": self.steps_done, "n_prompts": n_prompts, "schedulers": schedulers}
         path = checkpoint_dir(run_dir, self.steps_done)
-        save_checkpoint(path, checkpoint_trainables(self.trainables), state, self.d, self.cfg.run.keep_last)
+        trainables, keep = checkpoint_trainables(self.trainables), self.cfg.run.keep_last
+        save_checkpoint(path, trainables, state, self.d, keep, identity=self.identity)
         return path
 
     def resume(self, path: Path, n_prompts: int) -> None:
-        state = load_checkpoint(path, checkpoint_trainables(self.trainables), self.d)
+        state = load_checkpoint(path, checkpoint_trainables(self.trainables), self.d, seed=self.cfg.train.seed)
         if state["n_prompts"] != n_prompts:
             raise ResumeError(
                 f"cannot resume from {path}: it used {state['n_prompts']} prompts, this run has {n_prompts}"
@@ -259,7 +267,12 @@ def load_prompts(cfg: PPOConfig, tokenizer, d: Dist) -> list[list[int]]:
 def main(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> dict:
     """Train; `rollout_metrics` (optional) maps a rollout batch to extra per-sequence values [B], logged as
     their mean under rollout/<name> (the toy world logs the gold reward of every rollout this way)."""
-    d, run_dir = start_run(cfg)
+    d, run_dir, lock = start_run(cfg, "ppo")
+    with lock:
+        return _train(cfg, d, run_dir, lock, rollout_metrics)
+
+
+def _train(cfg: PPOConfig, d: Dist, run_dir: Path, lock: RunLock, rollout_metrics: RolloutMetrics | None) -> dict:
     tokenizer = load_tokenizer(cfg.actor)
     if cfg.dpo is not None and cfg.algo != "ppo":
         check_same_tokenizer(tokenizer, cfg.dpo, "dpo")
@@ -268,10 +281,10 @@ def main(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> dict:
     t = cfg.train
     guard = NonFiniteGuard(t.max_nonfinite, str(run_dir / "checkpoints"))
     trainer = PPOTrainer.build(cfg, d, tokenizer, guard, rollout_metrics=rollout_metrics)
+    trainer.identity = lock.identity
     torch.manual_seed(t.seed + 1000 * d.rank)  # per-rank sampling streams (a resume restores the saved ones)
-    resume = resume_path(cfg, run_dir)
-    if resume is not None:
-        trainer.resume(resume, len(prompts))
+    if lock.checkpoint is not None:
+        trainer.resume(lock.checkpoint, len(prompts))
     logger = run_logger(run_dir, cfg.run, d, total_steps=t.steps, initial_step=trainer.steps_done)
     metrics: dict[str, float] = {}
     with StopSignals() as stop, logger:

@@ -1,18 +1,19 @@
 """`rto rm`: a Bradley-Terry reward model on preference pairs; its score is the value at the last token.
 
 Run: rto rm --recipe toy model.path=<causal LM or reward model> data.path=<pairs>
-The model is an HF token-classification model with one label (a new scalar head on a causal LM checkpoint).
+The model is an HF model with a scalar head: a trained reward model as it was saved (sequence classification,
+token classification or OpenRLHF's format), or a causal LM with a new head (its family's sequence-classification
+class), so the export loads with `AutoModelForSequenceClassification`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from rto import build
 from rto.config import RMConfig
 from rto.data import last_token_index, make_batch, model_inputs, tokenize_pairs
 from rto.losses import bradley_terry_loss
-from rto.models import ScalarModel, load_scalar_model
-from rto.parallel import shard
 from rto.trainers.offline import Task, run
 
 
@@ -23,8 +24,8 @@ def pair_batch(pairs, packing: bool, pad_id: int, device) -> dict[str, torch.Ten
 
 def build_task(ctx) -> Task:
     cfg, d = ctx.cfg, ctx.d
-    hf = load_scalar_model(cfg.model.path, cfg.model)
-    model = shard(ScalarModel(hf), hf, cfg.parallel, d.device)
+    packing = "data.packing" if cfg.data.packing else None
+    model, hf = build.scalar(cfg.model.path, cfg.model, "model.path", cfg.parallel, d.device, packing=packing)
     pad = ctx.tokenizer.pad_token_id
 
     def scores(pairs):
@@ -58,4 +59,4 @@ def pair_stats(losses: torch.Tensor, r_w: torch.Tensor, r_l: torch.Tensor) -> di
 
 
 def main(cfg: RMConfig) -> dict[str, float]:
-    return run(cfg, tokenize_pairs, build_task)
+    return run(cfg, "rm", tokenize_pairs, build_task)

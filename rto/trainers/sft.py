@@ -5,17 +5,16 @@ Run: rto sft --recipe toy model.path=... data.path=...   (or torchrun --nproc_pe
 
 from __future__ import annotations
 
+from rto import build
 from rto.config import SFTConfig
 from rto.data import make_batch, model_inputs, per_sequence_sum, tokenize_sft
-from rto.models import PolicyModel, load_causal_lm
-from rto.parallel import shard
 from rto.trainers.offline import Task, run
 
 
 def build_task(ctx) -> Task:
     cfg, d = ctx.cfg, ctx.d
-    lm = load_causal_lm(cfg.model.path, cfg.model)
-    model = shard(PolicyModel(lm), lm, cfg.parallel, d.device)
+    packing = "data.packing" if cfg.data.packing else None
+    model, lm = build.policy(cfg.model.path, cfg.model, "model.path", cfg.parallel, d.device, packing=packing)
     pad = ctx.tokenizer.pad_token_id
 
     def forward(items):
@@ -33,4 +32,4 @@ def build_task(ctx) -> Task:
 
 
 def main(cfg: SFTConfig) -> dict[str, float]:
-    return run(cfg, tokenize_sft, build_task)
+    return run(cfg, "sft", tokenize_sft, build_task)

@@ -1,0 +1,53 @@
+"""The models a command trains or scores, loaded, checked and sharded in one order for every trainer.
+
+`policy` loads a causal LM (the parity probe of its fused head runs inside `load_causal_lm`), refuses padding-free
+batches for a family that cannot run them when the command asks for packing, wraps it in `PolicyModel` and
+shards it (FSDP2 per decoder layer, then the root). `scalar` does the same for a critic or reward model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from rto.config import ModelConfig, ParallelConfig
+from rto.families import check_packing
+from rto.models import PolicyModel, ScalarModel, load_causal_lm, load_scalar_model
+from rto.parallel import freeze, shard
+
+
+def policy(
+    path: str,
+    cfg: ModelConfig,
+    what: str,
+    parallel: ParallelConfig,
+    device: torch.device,
+    *,
+    packing: str | None = None,
+    frozen: bool = False,
+) -> tuple[nn.Module, nn.Module]:
+    """(the sharded PolicyModel, the HF causal LM inside it). packing: the setting that asks for padding-free
+    batches (e.g. "train.packing") when it is on, else None."""
+    lm = load_causal_lm(path, cfg, what)
+    if packing is not None:
+        check_packing(lm, what, packing)
+    root = shard(PolicyModel(lm), lm, parallel, device)
+    return (freeze(root) if frozen else root), lm
+
+
+def scalar(
+    path: str,
+    cfg: ModelConfig,
+    what: str,
+    parallel: ParallelConfig,
+    device: torch.device,
+    *,
+    packing: str | None = None,
+    frozen: bool = False,
+) -> tuple[nn.Module, nn.Module]:
+    """(the sharded ScalarModel, the HF model inside it): a critic or a reward model."""
+    hf = load_scalar_model(path, cfg, what)
+    if packing is not None:
+        check_packing(hf, what, packing)
+    root = shard(ScalarModel(hf), hf, parallel, device)
+    return (freeze(root) if frozen else root), hf
