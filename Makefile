@@ -1,7 +1,7 @@
 # One entry point for people and CI. `make test` is what .ci/run calls.
 PY ?= python
 
-.PHONY: setup test test-kernels test-unit lint format bench bench-step reproduce demo gpu-test
+.PHONY: setup test test-kernels test-unit lint format bench bench-step reproduce demo gpu-test compile-check gpu-campaign
 
 # torch first: a bare torch requirement with no torch installed would pull the CUDA build.
 setup:
@@ -44,3 +44,12 @@ reproduce:
 
 gpu-test:
 	$(PY) -m pytest -m gpu tests
+
+# Every kernel variant compiled for sm_80/sm_90 on the CPU (no GPU needed); full table into benchmarks/results/.
+compile-check:
+	$(PY) benchmarks/compile_check.py
+
+# One H100/H200, about 8 minutes: GPU tests, kernel and step benchmarks, the device's compile table, one summary.
+# `make gpu-campaign ARGS=--dry-run` rehearses it anywhere (CI runs that through tests/test_gpu_compile.py).
+gpu-campaign:
+	$(PY) benchmarks/gpu_campaign.py $(ARGS)
