@@ -171,9 +171,13 @@ DZ_CHUNK_BYTES = 256 * 2**20
 def _blocks(dtype: torch.dtype) -> dict:
     if interpreting():  # small tiles: test shapes span several tiles in every dimension
         return dict(BM=16, BV=32, BH=16, num_warps=1, num_stages=1)
-    if dtype == torch.float32:  # 4-byte operands: halve the K tile to stay within shared memory
-        return dict(BM=128, BV=128, BH=32, num_warps=8, num_stages=3)
-    return dict(BM=128, BV=128, BH=64, num_warps=8, num_stages=3)
+    # BV=64, not 128: with a [128, 128] tile the fp32 accumulator plus the online-softmax and dz math of the
+    # same tile sit at the 255-register ceiling and spill (ragged shapes, entropy on; sm_80 and sm_90, worst in
+    # fp32), while [128, 64] compiles with no spill in every variant and keeps wgmma on sm_90
+    # (benchmarks/results/compile_table_*.md). Used by both the forward and the dz kernel.
+    if dtype == torch.float32:  # 4-byte operands: halve the K tile; 2 stages (3 spill 8 B on sm_80, ragged)
+        return dict(BM=128, BV=64, BH=32, num_warps=8, num_stages=2)
+    return dict(BM=128, BV=64, BH=64, num_warps=8, num_stages=3)
 
 
 def _num_splits(N: int, V: int, BM: int, BV: int, device: torch.device) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from rto.config import ModelConfig, ParallelConfig
 from rto.families import check_packing
-from rto.models import PolicyModel, ScalarModel, load_causal_lm, load_scalar_model
+from rto.models import PolicyModel, ScalarModel, check_vocabulary, load_causal_lm, load_scalar_model
 from rto.parallel import freeze, shard
 
 
@@ -25,10 +25,14 @@ def policy(
     *,
     packing: str | None = None,
     frozen: bool = False,
+    tokenizer=None,
 ) -> tuple[nn.Module, nn.Module]:
     """(the sharded PolicyModel, the HF causal LM inside it). packing: the setting that asks for padding-free
-    batches (e.g. "train.packing") when it is on, else None."""
+    batches (e.g. "train.packing") when it is on, else None; tokenizer: the one whose ids the model reads (its
+    vocabulary must fit the embedding)."""
     lm = load_causal_lm(path, cfg, what)
+    if tokenizer is not None:
+        check_vocabulary(lm, tokenizer, what)
     if packing is not None:
         check_packing(lm, what, packing)
     root = shard(PolicyModel(lm), lm, parallel, device)
@@ -44,9 +48,12 @@ def scalar(
     *,
     packing: str | None = None,
     frozen: bool = False,
+    tokenizer=None,
 ) -> tuple[nn.Module, nn.Module]:
     """(the sharded ScalarModel, the HF model inside it): a critic or a reward model."""
     hf = load_scalar_model(path, cfg, what)
+    if tokenizer is not None:
+        check_vocabulary(hf, tokenizer, what)
     if packing is not None:
         check_packing(hf, what, packing)
     root = shard(ScalarModel(hf), hf, parallel, device)

@@ -182,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     debug = getattr(args, "debug", False) or os.environ.get("RTO_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)
+    except SystemExit as e:  # SIGTERM outside a training loop, or a second one inside: stop at once
+        if isinstance(e.code, int) and e.code > 128 and not debug:
+            name = signal.Signals(e.code - 128).name
+            print(f"rto {args.command}: stopped at once by {name}, without a new checkpoint", file=sys.stderr)
+            return e.code
+        raise
     except BrokenPipeError:  # the reader of our output went away (`rto ppo --help-config | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
@@ -199,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         kind = next((k for cls, k in project_errors().items() if isinstance(e, cls)), None)
         if kind is None or debug:
             raise
-        print(f"rto {args.command}: {kind} error: {e} (RTO_DEBUG=1 or --debug shows the traceback)", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the library's message looked like
+        print(
+            f"rto {args.command}: {kind} error: {message} (RTO_DEBUG=1 or --debug shows the traceback)", file=sys.stderr
+        )
         return 2
     finally:
         from rto.parallel import close_distributed

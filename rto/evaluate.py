@@ -40,7 +40,14 @@ from rto.config import ConfigError, DataConfig, EvalConfig, ModelConfig
 from rto.data import load_data_rows, render, tokenize_prompts
 from rto.families import cut_at_stop, stop_token_ids
 from rto.formats import columns, data_format, prompt_column, prompt_row
-from rto.models import ScalarModel, check_model_path, load_scalar_model, load_tokenizer, reward_normalisation
+from rto.models import (
+    ScalarModel,
+    check_model_path,
+    check_same_tokenizer,
+    load_scalar_model,
+    load_tokenizer,
+    reward_normalisation,
+)
 from rto.tensors import last_valid, pad_rows
 
 # the last parts of the folders this trainer saves models to (<run>/hf, <run>/hf/actor): not a model's name
@@ -253,6 +260,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     samples = generate(cfg.model, prompts, tok, stop_ids=stops, **kw)
     lengths = statistics.fmean(len(s.response_ids) for s in samples)
     result: dict = {"model": cfg.model, "n": len(samples), "temperature": cfg.temperature, "mean_length": lengths}
+    for what in ("reference", "reward"):  # they score this model's token ids
+        if getattr(cfg, what):
+            check_same_tokenizer(tok, getattr(cfg, what), what, "the model's")
     ref_samples = None
     if cfg.reference:
         ref_stops = stop_token_ids(tok, cfg.reference, cfg.stop_tokens)
@@ -265,7 +275,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.gold:
         from rto.toy import response_gold
 
-        metrics["gold"] = [response_gold(s.prompt_ids, s.response_ids, tok) for s in samples]
+        try:
+            metrics["gold"] = [response_gold(s.prompt_ids, s.response_ids, tok) for s in samples]
+        except ValueError as e:
+            raise ConfigError(f"gold=true: {e}; the gold reward exists for the toy world's prompts only") from None
         if ref_samples:
             metrics["ref_gold"] = [response_gold(s.prompt_ids, s.response_ids, tok) for s in ref_samples]
     for k, v in metrics.items():

@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,25 +42,24 @@ from rto.families import (
     probe_ids,
     probe_tolerance,
 )
+from rto.model_files import (  # noqa: F401  (re-exported: the checks callers run before loading)
+    check_model_folder,
+    check_model_path,
+    check_same_tokenizer,
+    check_vocabulary,
+    reading_model,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def check_model_path(path: str, what: str = "model.path") -> None:
-    """A local folder must exist; anything else must look like a hub id ("org/name" or "name")."""
-    p = Path(path).expanduser()
-    if p.exists():
-        return
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-    if looks_local:
-        raise ConfigError(f"{what}: no such file or folder: {path}")
 
 
 def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, with a chat template and a pad token, or an error saying which is missing."""
     path = cfg.tokenizer or cfg.path
-    check_model_path(path, "model.tokenizer" if cfg.tokenizer else "model.path")
-    tok = AutoTokenizer.from_pretrained(path)
+    what = "model.tokenizer" if cfg.tokenizer else "model.path"
+    check_model_path(path, what)
+    with reading_model(path, what):
+        tok = AutoTokenizer.from_pretrained(path)
     if cfg.chat_template is not None:
         tok.chat_template = cfg.chat_template
     if not tok.chat_template:
@@ -80,9 +78,10 @@ def load_tokenizer(cfg: ModelConfig):
 def load_causal_lm(path: str, cfg: ModelConfig, what: str = "model.path") -> nn.Module:
     """A policy-side causal LM (actor, reference, DPO model, SFT model), checked by the parity probe: the fused
     head must give the model's own log-probs, or the run stops naming `what` and the model's family."""
-    check_model_path(path, what)
+    check_model_folder(path, what)
     dtype = DTYPES[cfg.dtype]
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    with reading_model(path, what):
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation)
     parity_probe(lm, what, dtype)
     return lm
 
@@ -100,8 +99,9 @@ def load_scalar_model(path: str, cfg: ModelConfig, what: str = "model.path") -> 
     HF `*ForTokenClassification`; each loads with its trained head, and a load that reports missing or unexpected
     weights stops the run naming them. Any other checkpoint (a causal LM) gets a new head: the family's
     sequence-classification class, else its token-classification class, else a ModelError naming the family."""
-    check_model_path(path, what)
-    config = AutoConfig.from_pretrained(path)
+    check_model_folder(path, what)
+    with reading_model(path, what):
+        config = AutoConfig.from_pretrained(path)
     arch = (getattr(config, "architectures", None) or ["?"])[0]
     kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, output_loading_info=True)
     trained = True
@@ -119,7 +119,8 @@ def load_scalar_model(path: str, cfg: ModelConfig, what: str = "model.path") -> 
         auto, trained = _new_head_class(config, what), False
     config.num_labels = 1
     config.classifier_dropout = 0.0  # dropout before a token-classification head would add noise to values
-    model, info = auto.from_pretrained(path, config=config, **kwargs)
+    with reading_model(path, what):
+        model, info = auto.from_pretrained(path, config=config, **kwargs)
     _check_head_load(model, info, trained, f"{what} ({path}, {arch})")
     if not _token_level(model):
         scalar_probe(model, what)

@@ -47,7 +47,12 @@ def test_bench_kernels_quick_writes_results(tmp_path):
         assert timed[key]["ms"] > 0
     md = json_file.with_suffix(".md").read_text()
     assert "GPU numbers need a GPU" in md
-    assert md.count("\n| linear_logprobs") == 4
+    heads = ("plain", "bias", "softcap", "bias+scale+softcap")
+    lp = {(r["head"], r["variant"], r["mode"]) for r in data["rows"] if r["op"] == "linear_logprobs" and "ms" in r}
+    for head in heads:  # every head transform, ours (the chunked CPU path) and eager, forward and backward
+        for variant in ("rto chunked (CPU path)", "eager"):
+            assert {(head, variant, "fwd"), (head, variant, "fwd+bwd")} <= lp, (head, variant)
+    assert md.count("\n| linear_logprobs") == len(lp)
 
 
 def test_bench_step_quick_runs_both_variants(tmp_path):
@@ -57,7 +62,7 @@ def test_bench_step_quick_runs_both_variants(tmp_path):
     (json_file,) = tmp_path.glob("step_micro_*_quick.json")
     runs = json.loads(json_file.read_text())["runs"]
     for variant in ("ours", "peer"):
-        assert set(runs[variant]["times"]) == {"generate", "score", "advantages", "update", "sync"}
+        assert set(runs[variant]["times"]) == {"generate", "score", "advantages", "guard", "update", "sync"}
         assert all(t > 0 for t in runs[variant]["times"].values())
         assert runs[variant]["tokens"]["generated"] > 0 and 0 < runs[variant]["update_mfu"] < 1
     assert "| whole step |" in json_file.with_suffix(".md").read_text()

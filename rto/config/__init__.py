@@ -17,7 +17,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, OmegaConf
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rto.config.base import (
@@ -120,7 +121,13 @@ def load_config(command: str, recipe: str | None = None, overrides: list[str] | 
         cfg = OmegaConf.structured(schema)
         if recipe is not None:
             path = recipe_path(recipe)
-            sections = OmegaConf.load(path)
+            try:
+                sections = OmegaConf.load(path)
+            except (OSError, ValueError, yaml.YAMLError) as e:  # yaml's errors are not ValueErrors
+                first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+                raise ConfigError(f"recipe {path} is not readable YAML: {first}") from None
+            if not isinstance(sections, DictConfig):
+                raise ConfigError(f"recipe {path} must map command names to their settings")
             if command not in sections:
                 raise ConfigError(f"recipe {path} has no '{command}:' section (it has: {', '.join(sections)})")
             cfg = OmegaConf.merge(cfg, sections[command])

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from rto.config import RolloutConfig
+from rto.config import ConfigError, RolloutConfig
 from rto.rollout.engine import RolloutBatch, assemble
 from rto.rollout.weight_sync import stream_weights
 
@@ -41,7 +41,7 @@ class VLLMEngine:
         try:
             from vllm import LLM
         except ImportError as e:
-            raise ImportError("rollout.engine=vllm needs vLLM: pip install 'rto[vllm]' (GPU only)") from e
+            raise ConfigError("rollout.engine=vllm needs vLLM: pip install 'rto[vllm]' (GPU only)") from e
         self.lm, self.cfg, self.device = lm, cfg, device
         self.stop_ids = [tokenizer.eos_token_id] if stop_ids is None else [int(t) for t in stop_ids]
         self.pad_id = tokenizer.pad_token_id

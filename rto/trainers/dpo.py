@@ -13,6 +13,7 @@ from rto import build
 from rto.config import DPOConfig
 from rto.data import model_inputs, per_sequence_sum, tokenize_pairs
 from rto.losses import preference_loss
+from rto.models import check_same_tokenizer
 from rto.trainers.offline import Task, run
 from rto.trainers.rm import pair_batch, pair_stats
 
@@ -20,11 +21,14 @@ from rto.trainers.rm import pair_batch, pair_stats
 def build_task(ctx) -> Task:
     cfg: DPOConfig = ctx.cfg
     d = ctx.d
-    common = dict(parallel=cfg.parallel, device=d.device, packing="data.packing" if cfg.data.packing else None)
+    packing = "data.packing" if cfg.data.packing else None
+    common = dict(parallel=cfg.parallel, device=d.device, packing=packing, tokenizer=ctx.tokenizer)
     policy, lm = build.policy(cfg.model.path, cfg.model, "model.path", **common)
     ref = ref_head = None
     if cfg.loss != "simpo":
         ref_what = "ref" if cfg.ref else "model.path"
+        if cfg.ref:
+            check_same_tokenizer(ctx.tokenizer, cfg.ref, "ref", "the policy's")
         ref, _ = build.policy(cfg.ref or cfg.model.path, cfg.model, ref_what, **common, frozen=True)
         if cfg.loss == "tdpo":
             ref_head = ref.gathered_head()  # (weight, head spec), gathered once: the reference never changes

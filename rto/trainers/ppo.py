@@ -23,17 +23,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer
 
 from rto import build
 from rto.advantages import compute_advantages
 from rto.checkpoint import checkpoint_dir, export_hf, load_checkpoint, save_checkpoint
-from rto.config import ConfigError, PPOConfig
+from rto.config import PPOConfig
 from rto.data import epoch_batches, load_data_rows, require_rows, tokenize_prompts
 from rto.families import stop_token_ids
 from rto.guard import NonFiniteGuard
 from rto.metrics import run_logger
-from rto.models import check_model_path, load_tokenizer, reward_normalisation
+from rto.models import check_same_tokenizer, load_tokenizer, reward_normalisation
 from rto.parallel import Dist, all_reduce_sum
 from rto.rollout.engine import RolloutBatch
 from rto.rollout.hf import HFEngine
@@ -67,23 +66,9 @@ class Models:
     reward_norm: tuple[float, float] | None = None  # (mean, std) the reward model's checkpoint states, if any
 
 
-def check_same_tokenizer(actor_tok, path: str, what: str) -> None:
-    """The DPO model and the reward model score the actor's token ids: their vocabularies must be the actor's."""
-    check_model_path(path, what)
-    other = AutoTokenizer.from_pretrained(path)
-    a, b = actor_tok.get_vocab(), other.get_vocab()
-    if a != b or actor_tok.eos_token_id != other.eos_token_id:
-        diff = sorted(set(a.items()) ^ set(b.items()))[:3]
-        raise ConfigError(
-            f"the tokenizer of {what} ({path}) differs from the actor's ({len(b)} vs {len(a)} tokens, EOS "
-            f"{other.eos_token_id} vs {actor_tok.eos_token_id}; e.g. {diff}): {what} must share the actor's "
-            "tokenizer, because it scores the actor's token ids directly"
-        )
-
-
-def build_models(cfg: PPOConfig, d: Dist) -> Models:
+def build_models(cfg: PPOConfig, d: Dist, tokenizer=None) -> Models:
     m, packing = cfg.actor, "train.packing" if cfg.train.packing else None
-    common = dict(parallel=cfg.parallel, device=d.device, packing=packing)
+    common = dict(parallel=cfg.parallel, device=d.device, packing=packing, tokenizer=tokenizer)
     actor, lm = build.policy(m.path, m, "actor.path", **common)
     ref, _ = build.policy(cfg.ref or m.path, m, "ref" if cfg.ref else "actor.path", **common, frozen=True)
     dpo = build.policy(cfg.dpo, m, "dpo", **common, frozen=True)[0] if cfg.algo != "ppo" else None
@@ -163,7 +148,7 @@ class PPOTrainer:
     @classmethod
     def build(cls, cfg: PPOConfig, d: Dist, tokenizer, guard: NonFiniteGuard, **kwargs) -> PPOTrainer:
         torch.manual_seed(cfg.train.seed)  # identical initialisation on every rank
-        models = build_models(cfg, d)
+        models = build_models(cfg, d, tokenizer)
         engine = build_engine(cfg, models, tokenizer, d)
         return cls(cfg, d, models, engine, build_trainables(cfg, models), guard, **kwargs)
 
@@ -277,6 +262,9 @@ def _train(cfg: PPOConfig, d: Dist, run_dir: Path, lock: RunLock, rollout_metric
     if cfg.dpo is not None and cfg.algo != "ppo":
         check_same_tokenizer(tokenizer, cfg.dpo, "dpo")
     check_same_tokenizer(tokenizer, cfg.reward, "reward")
+    for what in ("critic", "ref"):  # optional models that score the actor's token ids too
+        if getattr(cfg, what) is not None:
+            check_same_tokenizer(tokenizer, getattr(cfg, what), what)
     prompts = load_prompts(cfg, tokenizer, d)
     t = cfg.train
     guard = NonFiniteGuard(t.max_nonfinite, str(run_dir / "checkpoints"))

@@ -25,7 +25,9 @@ def pair_batch(pairs, packing: bool, pad_id: int, device) -> dict[str, torch.Ten
 def build_task(ctx) -> Task:
     cfg, d = ctx.cfg, ctx.d
     packing = "data.packing" if cfg.data.packing else None
-    model, hf = build.scalar(cfg.model.path, cfg.model, "model.path", cfg.parallel, d.device, packing=packing)
+    model, hf = build.scalar(
+        cfg.model.path, cfg.model, "model.path", cfg.parallel, d.device, packing=packing, tokenizer=ctx.tokenizer
+    )
     pad = ctx.tokenizer.pad_token_id
 
     def scores(pairs):

@@ -14,7 +14,9 @@ from rto.trainers.offline import Task, run
 def build_task(ctx) -> Task:
     cfg, d = ctx.cfg, ctx.d
     packing = "data.packing" if cfg.data.packing else None
-    model, lm = build.policy(cfg.model.path, cfg.model, "model.path", cfg.parallel, d.device, packing=packing)
+    model, lm = build.policy(
+        cfg.model.path, cfg.model, "model.path", cfg.parallel, d.device, packing=packing, tokenizer=ctx.tokenizer
+    )
     pad = ctx.tokenizer.pad_token_id
 
     def forward(items):

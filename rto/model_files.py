@@ -1,0 +1,82 @@
+"""Checks on a model path before and while loading: one clear line for each wrong kind of path.
+
+A local path must be a Hugging Face model folder (config.json and weights), not a file, an empty folder or a run
+folder (whose model is in `hf/`); a hub id is resolved by `from_pretrained`, whose errors (offline, truncated
+safetensors, a bad config) become one line naming the setting and the path. `check_vocabulary` refuses a model
+with fewer embedding rows than its tokenizer has tokens before a forward could index past them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+from torch import nn
+from transformers import AutoTokenizer
+
+from rto.config import ConfigError
+
+
+def check_model_path(path: str, what: str = "model.path") -> None:
+    """A local path must be a model folder (config.json, and weights unless `weights=False`); anything else must
+    look like a hub id ("org/name" or "name"). Each wrong kind of path gets its own one-line error."""
+    check_model_folder(path, what, weights=False)
+
+
+def check_model_folder(path: str, what: str = "model.path", *, weights: bool = True) -> None:
+    """`check_model_path`, and with `weights` also that a local folder holds weight files."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+        if looks_local:
+            raise ConfigError(f"{what}: no such file or folder: {path}")
+        return  # a hub id: from_pretrained resolves it (errors wrapped in `reading_model`)
+    if not p.is_dir():
+        raise ConfigError(f"{what}: {path} is a file; give the folder of a Hugging Face model (config.json, weights)")
+    if not (p / "config.json").is_file():
+        if (p / "hf" / "config.json").is_file() or (p / "hf" / "actor" / "config.json").is_file():
+            inner = p / "hf" if (p / "hf" / "config.json").is_file() else p / "hf" / "actor"
+            raise ConfigError(f"{what}: {path} is a run folder; its model is {inner}")
+        raise ConfigError(f"{what}: {path} holds no config.json: not a Hugging Face model folder")
+    found = [f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")]
+    if weights and not found:
+        raise ConfigError(f"{what}: {path} holds no weights (model.safetensors or pytorch_model.bin)")
+
+
+@contextmanager
+def reading_model(path: str, what: str):
+    """Library errors while reading a model (a truncated safetensors file, a hub id offline, a bad config)
+    re-raised as one line naming the setting and the path."""
+    try:
+        yield
+    except (OSError, ValueError, RuntimeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ConfigError(f"{what}: cannot load the model at {path}: {first}") from e
+
+
+def check_vocabulary(model: nn.Module, tokenizer, what: str) -> None:
+    """The model must have an embedding row for every token id the tokenizer can produce."""
+    rows, n = model.get_input_embeddings().num_embeddings, len(tokenizer)
+    if rows < n:
+        raise ConfigError(
+            f"{what}: the model has {rows} embedding rows but its tokenizer has {n} tokens; resize the embeddings "
+            "(model.resize_token_embeddings) or use the model's own tokenizer"
+        )
+
+
+def check_same_tokenizer(actor_tok, path: str, what: str, whose: str = "the actor's") -> None:
+    """A model that scores another model's token ids (DPO model, reward model, critic, reference) must share its
+    vocabulary and EOS."""
+    check_model_path(path, what)
+    with reading_model(path, what):
+        other = AutoTokenizer.from_pretrained(path)
+    a, b = actor_tok.get_vocab(), other.get_vocab()
+    if a != b or actor_tok.eos_token_id != other.eos_token_id:
+        diff = sorted(set(a.items()) ^ set(b.items()))[:3]
+        raise ConfigError(
+            f"the tokenizer of {what} ({path}) differs from {whose} ({len(b)} vs {len(a)} tokens, EOS "
+            f"{other.eos_token_id} vs {actor_tok.eos_token_id}; e.g. {diff}): {what} must share {whose} "
+            "tokenizer, because it scores those token ids directly"
+        )
