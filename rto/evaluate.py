@@ -42,10 +42,11 @@ from rto.families import cut_at_stop, stop_token_ids
 from rto.formats import columns, data_format, prompt_column, prompt_row
 from rto.models import (
     ScalarModel,
-    check_model_path,
+    check_model_folder,
     check_same_tokenizer,
     load_scalar_model,
     load_tokenizer,
+    reading_model,
     reward_normalisation,
 )
 from rto.tensors import last_valid, pad_rows
@@ -100,8 +101,9 @@ def generate(
     """One response per prompt (greedy at temperature 0), cut after its first stop token: `stop_ids`, by default
     the model's own (tokenizer EOS and generation_config eos_token_id, rto.families.stop_token_ids)."""
     sampling = sampling_settings(temperature, top_p)
-    check_model_path(model_path, "model")
-    lm = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+    check_model_folder(model_path, "model")
+    with reading_model(model_path, "model"):
+        lm = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
     check_context(lm, prompts, max_new_tokens, model_path)
     stops = stop_token_ids(tok, model_path, []) if stop_ids is None else list(stop_ids)
     torch.manual_seed(seed)

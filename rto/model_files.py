@@ -18,19 +18,23 @@ from rto.config import ConfigError
 
 
 def check_model_path(path: str, what: str = "model.path") -> None:
-    """A local path must be a model folder (config.json, and weights unless `weights=False`); anything else must
-    look like a hub id ("org/name" or "name"). Each wrong kind of path gets its own one-line error."""
-    check_model_folder(path, what, weights=False)
+    """A local file or folder must exist; anything else must look like a hub id ("org/name" or "name")."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local:
+        raise ConfigError(f"{what}: no such file or folder: {path}")
 
 
 def check_model_folder(path: str, what: str = "model.path", *, weights: bool = True) -> None:
-    """`check_model_path`, and with `weights` also that a local folder holds weight files."""
+    """A local path must be a Hugging Face model folder (config.json, and weight files when `weights`), not a
+    file, an empty folder or a run folder; a hub id is left to from_pretrained (errors wrapped in `reading_model`).
+    Each wrong kind of path gets its own one-line error."""
+    check_model_path(path, what)
     p = Path(path).expanduser()
     if not p.exists():
-        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-        if looks_local:
-            raise ConfigError(f"{what}: no such file or folder: {path}")
-        return  # a hub id: from_pretrained resolves it (errors wrapped in `reading_model`)
+        return
     if not p.is_dir():
         raise ConfigError(f"{what}: {path} is a file; give the folder of a Hugging Face model (config.json, weights)")
     if not (p / "config.json").is_file():
