@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -53,7 +54,7 @@ def reading_model(path: str, what: str):
     re-raised as one line naming the setting and the path."""
     try:
         yield
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         if isinstance(e, ConfigError):
             raise
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
