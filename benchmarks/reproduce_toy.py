@@ -21,13 +21,15 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ONLINE = ["ppo", "rto", "rs-ppo", "ddpo"]
-LABELS = {"sft": "SFT", "dpo": "DPO", "rdpo": "R-DPO", "simpo": "SimPO", "tdpo": "TDPO", "ppo": "PPO", "rto": "RTO",
-          "rs-ppo": "RS-PPO", "ddpo": "DDPO"}  # fmt: skip
+LABELS = {
+    **{"sft": "SFT", "dpo": "DPO", "rdpo": "R-DPO", "simpo": "SimPO", "tdpo": "TDPO"},
+    **{"ppo": "PPO", "rto": "RTO", "rs-ppo": "RS-PPO", "ddpo": "DDPO"},
+}
 
 
 def run_seed(seed: int, out: Path) -> None:
-    cmd = [sys.executable, "-m", "rto", "pipeline", "--recipe", "toy", f"seed={seed}", f"name=seed{seed}",
-           f"output_dir={out}", f"online=[{','.join(ONLINE)}]"]  # fmt: skip
+    settings = [f"seed={seed}", f"name=seed{seed}", f"output_dir={out}", f"online=[{','.join(ONLINE)}]"]
+    cmd = [sys.executable, "-m", "rto", "pipeline", "--recipe", "toy", *settings]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -80,9 +82,16 @@ def aggregate(seeds: list[int], out: Path) -> dict:
     run = out / f"seed{seeds[0]}" / "ppo"
     steps, prompts = OmegaConf.load(run / "config.yaml").train.steps, samples_per_step(run)
     budget = f"{steps} rollout steps x {prompts} samples ({steps * prompts} samples)"
-    return {"seeds": seeds, "table": table, "reach": reach, "budget": budget,
-            "final_rollout_gold": {a: [smooth(curves_[a][s][1])[-1] for s in seeds] for a in ONLINE},
-            "curves": {a: {str(s): curves_[a][s] for s in seeds} for a in ONLINE}}  # fmt: skip
+    final = {a: [smooth(curves_[a][s][1])[-1] for s in seeds] for a in ONLINE}
+    curves_json = {a: {str(s): curves_[a][s] for s in seeds} for a in ONLINE}
+    return {
+        "seeds": seeds,
+        "table": table,
+        "reach": reach,
+        "budget": budget,
+        "final_rollout_gold": final,
+        "curves": curves_json,
+    }
 
 
 def write(result: dict, out: Path, command: str) -> Path:
@@ -100,8 +109,8 @@ def write(result: dict, out: Path, command: str) -> Path:
         xs = result["curves"][a][str(seeds[0])][0]
         ys = [statistics.fmean(result["curves"][a][str(s)][1][i] for s in seeds) for i in range(len(xs))]
         ax.plot(xs, smooth(ys), label=LABELS[a])
-    ax.set(xlabel="rollout samples", ylabel="gold reward of rollouts (mean over seeds, smoothed)",
-           title=f"toy world, {len(seeds)} seeds")  # fmt: skip
+    ylabel = "gold reward of rollouts (mean over seeds, smoothed)"
+    ax.set(xlabel="rollout samples", ylabel=ylabel, title=f"toy world, {len(seeds)} seeds")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -109,16 +118,22 @@ def write(result: dict, out: Path, command: str) -> Path:
     plt.close(fig)
 
     t = result["table"]
-    lines = [f"# Toy-world reproduction: PPO vs RTO, {len(seeds)} seeds ({date})", "", f"Command: `{command}`", "",
-             "Each seed builds its own world and trains SFT, RM, DPO and every method from them; mean ± standard "
-             "deviation over seeds. Held-out evaluation: 128 prompts, temperature 0.7; gold reward is the toy "
-             "world's known judgement, win rate is against the SFT model under the gold reward, RM score is the "
-             f"learned reward model's. Online methods: {result['budget']} each.", "",
-             "| model | gold reward | win rate vs SFT (gold) | RM score | mean length |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Toy-world reproduction: PPO vs RTO, {len(seeds)} seeds ({date})",
+        "",
+        f"Command: `{command}`",
+        "",
+        "Each seed builds its own world and trains SFT, RM, DPO and every method from them; mean ± standard "
+        "deviation over seeds. Held-out evaluation: 128 prompts, temperature 0.7; gold reward is the toy "
+        "world's known judgement, win rate is against the SFT model under the gold reward, RM score is the "
+        f"learned reward model's. Online methods: {result['budget']} each.",
+        "",
+        "| model | gold reward | win rate vs SFT (gold) | RM score | mean length |",
+        "|---|---|---|---|---|",
+    ]
     for m, r in t.items():
-        lines.append(f"| {LABELS.get(m, m)} | {mean_sd(r['gold_reward'])} | {mean_sd(r['win_rate_vs_sft'])} | "
-                     f"{mean_sd(r['rm_score'])} | {mean_sd(r['mean_length'])} |")  # fmt: skip
+        cells = [mean_sd(r[k]) for k in ("gold_reward", "win_rate_vs_sft", "rm_score", "mean_length")]
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     lines += ["", "Final rollout gold reward (smoothed over the last 3 logged steps) per seed:", ""]
     for a, v in result["final_rollout_gold"].items():
         lines.append(f"- {LABELS[a]}: {', '.join(f'{x:.2f}' for x in v)} (mean {statistics.fmean(v):.2f})")
@@ -132,8 +147,10 @@ def write(result: dict, out: Path, command: str) -> Path:
         got = r["rto_samples_to_reach"]
         frac = f"{got / r['ppo_samples']:.2f} of PPO's {r['ppo_samples']}" if got else "not reached"
         own = r["ppo_samples_to_reach"]
-        lines.append(f"- seed {s}: PPO final {r['ppo_final_gold']:.2f}; RTO reached it after {got} samples ({frac}); "
-                     f"PPO itself first reached it after {own} samples ({own / r['ppo_samples']:.2f})")  # fmt: skip
+        lines.append(
+            f"- seed {s}: PPO final {r['ppo_final_gold']:.2f}; RTO reached it after {got} samples ({frac}); "
+            f"PPO itself first reached it after {own} samples ({own / r['ppo_samples']:.2f})"
+        )
     lines += ["", f"![gold reward vs samples]({stem.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1))
