@@ -16,9 +16,19 @@ from rto.models import PolicyModel, ScalarModel, check_vocabulary, load_causal_l
 from rto.parallel import freeze, shard
 
 
-def policy(
-    path: str,
-    cfg: ModelConfig,
+def policy(path: str, cfg: ModelConfig, what: str, parallel: ParallelConfig, device: torch.device, **kw):
+    """(the sharded PolicyModel, the HF causal LM inside it); keywords as `_build`."""
+    return _build(load_causal_lm(path, cfg, what), PolicyModel, what, parallel, device, **kw)
+
+
+def scalar(path: str, cfg: ModelConfig, what: str, parallel: ParallelConfig, device: torch.device, **kw):
+    """(the sharded ScalarModel, the HF model inside it): a critic or a reward model; keywords as `_build`."""
+    return _build(load_scalar_model(path, cfg, what), ScalarModel, what, parallel, device, **kw)
+
+
+def _build(
+    hf: nn.Module,
+    wrapper: type[nn.Module],
     what: str,
     parallel: ParallelConfig,
     device: torch.device,
@@ -27,34 +37,11 @@ def policy(
     frozen: bool = False,
     tokenizer=None,
 ) -> tuple[nn.Module, nn.Module]:
-    """(the sharded PolicyModel, the HF causal LM inside it). packing: the setting that asks for padding-free
-    batches (e.g. "train.packing") when it is on, else None; tokenizer: the one whose ids the model reads (its
-    vocabulary must fit the embedding)."""
-    lm = load_causal_lm(path, cfg, what)
-    if tokenizer is not None:
-        check_vocabulary(lm, tokenizer, what)
-    if packing is not None:
-        check_packing(lm, what, packing)
-    root = shard(PolicyModel(lm), lm, parallel, device)
-    return (freeze(root) if frozen else root), lm
-
-
-def scalar(
-    path: str,
-    cfg: ModelConfig,
-    what: str,
-    parallel: ParallelConfig,
-    device: torch.device,
-    *,
-    packing: str | None = None,
-    frozen: bool = False,
-    tokenizer=None,
-) -> tuple[nn.Module, nn.Module]:
-    """(the sharded ScalarModel, the HF model inside it): a critic or a reward model."""
-    hf = load_scalar_model(path, cfg, what)
+    """packing: the setting that asks for padding-free batches (e.g. "train.packing") when it is on, else None;
+    tokenizer: the one whose ids the model reads (its vocabulary must fit the embedding)."""
     if tokenizer is not None:
         check_vocabulary(hf, tokenizer, what)
     if packing is not None:
         check_packing(hf, what, packing)
-    root = shard(ScalarModel(hf), hf, parallel, device)
+    root = shard(wrapper(hf), hf, parallel, device)
     return (freeze(root) if frozen else root), hf
