@@ -418,6 +418,10 @@ def stale_lock(env: Env) -> None:
 
 def read_only(env: Env) -> None:
     env.runs.mkdir()
+    if os.geteuid() != 0:
+        env.runs.chmod(0o555)
+        env.cleanups.append(lambda: env.runs.chmod(0o755))
+        return
     subprocess.run(["chattr", "+i", str(env.runs)], check=True)  # root ignores file modes, not the immutable flag
     env.cleanups.append(lambda: subprocess.run(["chattr", "-i", str(env.runs)], check=True))
 
@@ -601,8 +605,8 @@ invalid_json_line_50             ugly sft  data.path={case}/bad.jsonl => bad.jso
 non_utf8_line_7                  ugly sft  data.path={case}/bytes.jsonl => bytes.jsonl; line 7; UTF-8
 non_utf8_skipped                 ugly sft  data.path={case}/bytes.jsonl data.bad_rows=skip
 one_row_dataset                  ugly sft  data.path={case}/one.jsonl => train.global_batch_size
-model_path_is_a_file             ugly sft  model.path={sft} => model.path
-model_path_empty_folder          ugly sft  model.path={case}/m => model.path; {case}/m
+model_path_is_a_file             ugly sft  model.path={sft} => model.path; is a file
+model_path_empty_folder          ugly sft  model.path={case}/m => model.path; {case}/m; config.json
 model_path_run_folder            ugly sft  model.path={runs}/prior => model.path; hf
 truncated_safetensors            ugly sft  model.path={case}/m => model.safetensors
 fewer_embedding_rows_than_tokens ugly sft  model.path={small_vocab} => model.path
@@ -843,6 +847,10 @@ def short(text: str, folders: list[str]) -> str:
 
 
 def run_cases(cases: list[Case], assets: dict[str, Path], work: Path, jobs: int = 2) -> list[dict]:
+    # a probe started in the background (`cmd &` without job control) ignores SIGINT, and its commands would
+    # inherit that: give them a terminal's default instead (a Python handler is reset to the default by exec)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(run_case, case, assets, work) for case in cases]
         results = []
