@@ -41,7 +41,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # (capability, per-block shared memory a kernel may opt into in bytes: cudaDevAttrMaxSharedMemoryPerBlockOptin)
 TARGETS = {"sm_80": (80, 166912), "sm_90": (90, 232448)}  # A100; H100 and H200
 REGISTER_FILE = 65536  # 32-bit registers per multiprocessor: one block of num_warps warps must fit
-LOW_PRECISION = ("bfloat16", "float16")
 
 SHAPES = {
     "aligned": dict(N=32, H=64, V=512, B=2, T=1024),

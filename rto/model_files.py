@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from rto.config import ConfigError
+from rto.config.base import first_line
 
 
 def check_model_path(path: str, what: str = "model.path") -> None:
@@ -57,8 +58,7 @@ def reading_model(path: str, what: str):
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         if isinstance(e, ConfigError):
             raise
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise ConfigError(f"{what}: cannot load the model at {path}: {first}") from e
+        raise ConfigError(f"{what}: cannot load the model at {path}: {first_line(e)}") from e
 
 
 def check_vocabulary(model: nn.Module, tokenizer, what: str) -> None:

@@ -30,6 +30,7 @@ from rto.config.base import (
     Section,
     check_sections,
     doc,
+    first_line,
     is_file_name,
 )
 from rto.config.offline import (
@@ -124,8 +125,7 @@ def load_config(command: str, recipe: str | None = None, overrides: list[str] | 
             try:
                 sections = OmegaConf.load(path)
             except (OSError, ValueError, yaml.YAMLError) as e:  # yaml's errors are not ValueErrors
-                first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-                raise ConfigError(f"recipe {path} is not readable YAML: {first}") from None
+                raise ConfigError(f"recipe {path} is not readable YAML: {first_line(e)}") from None
             if not isinstance(sections, DictConfig):
                 raise ConfigError(f"recipe {path} must map command names to their settings")
             if command not in sections:

@@ -25,6 +25,11 @@ class ConfigError(ValueError):
     """A bad key, value or combination in the configuration."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first non-empty line of an exception's message (libraries' messages run over several lines)."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def doc(default: Any = MISSING, text: str = "", factory: Any = None) -> Any:
     """A dataclass field with a one-line description (shown by `rto <cmd> --help-config`)."""
     if factory is not None:
