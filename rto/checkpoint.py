@@ -21,6 +21,7 @@ import pickle
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -150,16 +151,24 @@ class _CheckedPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         fqn = read_item.dest_index.fqn
         try:
-            obj = torch.load(value, weights_only=True)
+            obj = _load_plain(value)
         except pickle.UnpicklingError as e:
             raise CheckpointError(f"{self.where}: refusing to load entry {fqn}: {_refusal(e)}") from None
         set_element(self.original_state_dict, self.mappings[fqn], obj)  # our state dicts are nested: flattened
 
 
+def _load_plain(source):
+    """torch.load restricted to tensors and plain values; its note on unusual pickle protocols (a crafted file's
+    tell) is dropped, since the refusal that follows says what matters."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(source, weights_only=True)
+
+
 def _refusal(e: pickle.UnpicklingError) -> str:
     """What a weights_only refusal says the file asked for (not its advice to load the file unrestricted)."""
-    lines = [x.strip() for x in str(e).splitlines() if "unsupported" in x.lower() or "WeightsUnpickler" in x]
-    return "it holds more than plain tensors and numbers" + (f" ({lines[0]})" if lines else "")
+    asked = [x.strip() for x in str(e).splitlines() if "unsupported" in x.lower()]
+    return "it holds more than plain tensors and numbers" + (f" ({asked[0]})" if asked else "")
 
 
 def _read_json(file: Path) -> dict:
@@ -226,7 +235,7 @@ def _read_rng(path: Path, rank: int) -> dict:
             state["python"] = raw["python"]
         else:  # the first format: a torch.save of tensors and a tuple of ints, which weights_only=True can read
             file = path / f"rng_rank{rank}.pt"
-            state = torch.load(file, weights_only=True)
+            state = _load_plain(file)
         version, internal, gauss = state["python"]
         state["python"] = (int(version), tuple(int(x) for x in internal), None if gauss is None else float(gauss))
         random.Random().setstate(state["python"])

@@ -11,7 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoTokenizer
 
@@ -58,7 +58,21 @@ def reading_model(path: str, what: str):
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{what}: cannot load the model at {path}: {first_line(e)}") from e
+        where = _unreadable_weights(path) if isinstance(e, SafetensorError) else None
+        where = f"{where} is unreadable" if where else f"cannot load the model at {path}"
+        raise ConfigError(f"{what}: {where}: {first_line(e)}") from e
+
+
+def _unreadable_weights(path: str) -> Path | None:
+    """The first safetensors file in a local model folder whose header does not read (truncated, not safetensors)."""
+    folder = Path(path).expanduser()
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except (SafetensorError, OSError):
+            return file
+    return None
 
 
 def check_vocabulary(model: nn.Module, tokenizer, what: str) -> None:

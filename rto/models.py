@@ -57,7 +57,10 @@ def load_tokenizer(cfg: ModelConfig):
     """The model's tokenizer, with a chat template and a pad token, or an error saying which is missing."""
     path = cfg.tokenizer or cfg.path
     what = "model.tokenizer" if cfg.tokenizer else "model.path"
-    check_model_path(path, what)
+    if cfg.tokenizer:
+        check_model_path(path, what)
+    else:  # the model's own folder: a file, an empty folder or a run folder gets its own message, not a tokenizer's
+        check_model_folder(path, what, weights=False)
     with reading_model(path, what):
         tok = AutoTokenizer.from_pretrained(path)
     if cfg.chat_template is not None:

@@ -134,9 +134,12 @@ def test_a_planted_pickle_runs_nothing_and_is_refused_by_name(tmp_path, d, place
     marker.unlink()
 
     named = "model_optim.param_groups.0.lr" if place == "optimizer entry" else str(path / place)
-    with pytest.raises(CheckpointError, match=re.escape(named)):
+    with pytest.raises(CheckpointError, match=re.escape(named)) as refused:
         load_checkpoint(path, trainables(1), d)
     assert not marker.exists()
+    assert "file an issue" not in str(refused.value)  # what the file asked for, not torch's advice
+    if place == "rng_rank0.pt":
+        assert "(Trying to load unsupported GLOBAL " in str(refused.value)  # the planted call, by name
     if place != "optimizer entry":  # that one is only seen when the shards are read
         assert latest_checkpoint(tmp_path) is None
     assert not marker.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from rto.models import (
     PolicyModel,
     ScalarModel,
     check_model_path,
+    load_causal_lm,
     load_scalar_model,
+    load_tokenizer,
     reward_normalisation,
     tiny_causal_lm,
 )
@@ -167,6 +170,28 @@ def test_model_paths_are_checked_before_loading():
     with pytest.raises(ConfigError, match="ref: no such file or folder: runs/x/hf"):
         check_model_path("runs/x/hf", "ref")
     check_model_path("meta-llama/Meta-Llama-3-8B")  # a hub id is left to the hub client
+
+
+def test_a_wrong_kind_of_model_path_is_named_before_the_tokenizer_reads_it(tmp_path):
+    """The tokenizer is the first thing read from model.path: a file, an empty folder or a run folder must get the
+    path's own message, not a tokenizer library's complaint about a missing vocabulary file."""
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "run" / "hf").mkdir(parents=True)
+    (tmp_path / "run" / "hf" / "config.json").write_text("{}")
+    cases = {"notes.txt": "is a file", "empty": "holds no config.json", "run": "is a run folder; its model is"}
+    for name, says in cases.items():
+        with pytest.raises(ConfigError, match=f"^model.path: {re.escape(str(tmp_path / name))} {says}"):
+            load_tokenizer(ModelConfig(path=str(tmp_path / name)))
+
+
+def test_a_truncated_weights_file_is_named(tmp_path):
+    lm = tiny_causal_lm(vocab_size=32, hidden=16, layers=1, heads=2)
+    lm.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=f"^model.path: {re.escape(str(weights))} is unreadable: "):
+        load_causal_lm(str(tmp_path), ModelConfig(path=str(tmp_path), dtype="float32"))
 
 
 def _examples(b) -> list[Example]:
