@@ -293,8 +293,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     out_dir = Path(cfg.output_dir) / cfg.name
     kept = [answer_ids(s, stops) for s in samples]
     answers = [tok.decode(ids, skip_special_tokens=True).strip() for ids in kept]
-    # EvalConfig.generator (a model-name setting) is the config owner's to add; until then the model's path names it
-    generator = getattr(cfg, "generator", None) or model_name(cfg.model)
+    generator = cfg.generator or model_name(cfg.model)  # the model's name in both exports
     result["generator"] = generator
     # Arena-Hard's token_len counts the answer's text (in GPT-4o tokens there; in the model's own tokens here)
     token_lens = [len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]

@@ -72,24 +72,13 @@ def import_alpaca_eval():
     return main, PairwiseAnnotator
 
 
-def test_alpaca_eval_merges_our_outputs_with_a_reference(policy, tmp_path):
+def alpaca_eval_merge(model_outputs: Path, reference_outputs: Path):
+    """AlpacaEval's own evaluate() on our export against a reference file, with a stand-in judge (no LLM) that
+    keeps AlpacaEval's default merge keys and prefers our output on every merged row: (leaderboard, merged rows)."""
     main, PairwiseAnnotator = import_alpaca_eval()
-    # AlpacaEval's evaluation set is its reference outputs file: instruction, output, generator, dataset
-    reference = [
-        {"instruction": text, "output": f"reference answer {i}", "generator": "gpt4_turbo", "dataset": "helpful_base"}
-        for i, text in enumerate(INSTRUCTIONS)
-    ]
-    ref_path = tmp_path / "alpaca_eval.json"
-    ref_path.write_text(json.dumps(reference))
-    result = run_eval(eval_config(policy, ref_path, tmp_path, data={"prompt_key": "instruction"}))
-    ours = Path(result["exports"]["alpaca_eval"])
-    assert result["generator"] == "tiny-policy"  # the model's name, not the run's ("eval") nor "actor"
-
     merged = []
 
     class Judge(PairwiseAnnotator):
-        """No LLM: keeps AlpacaEval's default merge keys and prefers our output on every merged row."""
-
         def __init__(self, **_):
             self.input_keys = list(inspect.signature(PairwiseAnnotator.__init__).parameters["input_keys"].default)
 
@@ -98,8 +87,8 @@ def test_alpaca_eval_merges_our_outputs_with_a_reference(policy, tmp_path):
             return [{**r, "preference": 2.0} for r in df.to_dict("records")]
 
     board, _ = main.evaluate(
-        model_outputs=str(ours),
-        reference_outputs=str(ref_path),
+        model_outputs=str(model_outputs),
+        reference_outputs=str(reference_outputs),
         Annotator=Judge,
         output_path=None,
         precomputed_leaderboard=None,
@@ -107,16 +96,40 @@ def test_alpaca_eval_merges_our_outputs_with_a_reference(policy, tmp_path):
         fn_metric="get_winrate",
         sort_by="win_rate",
     )
-    assert list(board.index) == ["tiny-policy"]  # AlpacaEval names the model from our `generator`
-    assert board.loc["tiny-policy", "n_total"] == len(INSTRUCTIONS)  # every row merged
-    assert board.loc["tiny-policy", "win_rate"] == pytest.approx(100.0)
-    df = merged[0]
-    assert sorted(df["instruction"]) == sorted(INSTRUCTIONS)
-    assert set(df["generator_2"]) == {"tiny-policy"}
-    assert list(df["dataset"]) == ["helpful_base"] * len(INSTRUCTIONS)  # passed through, equal on both sides
-    rows = [json.loads(x) for x in (tmp_path / "eval" / "responses.jsonl").read_text().splitlines()]
-    responses = {r["prompt"]: r["response"] for r in rows}
-    assert all(responses[r["instruction"]] == r["output_2"] for r in df.to_dict("records"))
+    return board, merged[0]
+
+
+def alpaca_reference(instructions: list[str], path: Path) -> Path:
+    """AlpacaEval's evaluation set is its reference outputs file: instruction, output, generator, dataset."""
+    rows = [
+        {"instruction": text, "output": f"reference answer {i}", "generator": "gpt4_turbo", "dataset": "helpful_base"}
+        for i, text in enumerate(instructions)
+    ]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def check_alpaca_export(export_file: Path, reference: Path, instructions: list[str], model: str, responses: Path):
+    """Every reference row merges with ours, under our model's name, with our responses unchanged."""
+    board, df = alpaca_eval_merge(export_file, reference)
+    assert list(board.index) == [model]  # AlpacaEval names the model from our `generator`
+    assert board.loc[model, "n_total"] == len(instructions)  # every row merged
+    assert board.loc[model, "win_rate"] == pytest.approx(100.0)
+    assert sorted(df["instruction"]) == sorted(instructions)
+    assert set(df["generator_2"]) == {model}
+    assert list(df["dataset"]) == ["helpful_base"] * len(instructions)  # passed through, equal on both sides
+    rows = [json.loads(x) for x in responses.read_text().splitlines()]
+    ours = {r["prompt"]: r["response"] for r in rows}
+    assert all(ours[r["instruction"]] == r["output_2"] for r in df.to_dict("records"))
+
+
+def test_alpaca_eval_merges_our_outputs_with_a_reference(policy, tmp_path):
+    import_alpaca_eval()
+    ref_path = alpaca_reference(INSTRUCTIONS, tmp_path / "alpaca_eval.json")
+    result = run_eval(eval_config(policy, ref_path, tmp_path, data={"prompt_key": "instruction"}))
+    assert result["generator"] == "tiny-policy"  # the model's name, not the run's ("eval") nor "actor"
+    ours = Path(result["exports"]["alpaca_eval"])
+    check_alpaca_export(ours, ref_path, INSTRUCTIONS, "tiny-policy", tmp_path / "eval" / "responses.jsonl")
 
 
 # ---- Arena-Hard: its answer reader ----
@@ -178,11 +191,7 @@ def arena_count_markdown(answer: str) -> dict:
 
 
 def test_arena_hard_reads_our_answers_by_question_uid(policy, tmp_path):
-    questions = [
-        {"uid": f"{0xA0 + i:016x}", "category": "hard_prompt", "subcategory": "coding", "prompt": text}
-        for i, text in enumerate(INSTRUCTIONS)
-    ]
-    question_file = write_jsonl(tmp_path / "question.jsonl", questions)
+    question_file = arena_questions(INSTRUCTIONS, tmp_path / "question.jsonl")
     # a stop word the unconstrained greedy responses produce: the exports must end before it
     tok = tiny_tokenizer(WORDS)
     plain = run_eval(eval_config(policy, question_file, tmp_path, name="plain"))
@@ -191,24 +200,40 @@ def test_arena_hard_reads_our_answers_by_question_uid(policy, tmp_path):
     result = run_eval(eval_config(policy, question_file, tmp_path, stop_tokens=[stop]))
     assert plain["mean_length"] > result["mean_length"]
 
-    answer_file = Path(result["exports"]["arena_hard"])
-    assert answer_file.name == "tiny-policy.jsonl"  # Arena-Hard names the model after the file
+    texts = check_arena_export(Path(result["exports"]["arena_hard"]), question_file, "tiny-policy", tok)
+    assert all(stop not in text.split() for text in texts)
+
+
+def arena_questions(instructions: list[str], path: Path) -> Path:
+    questions = [
+        {"uid": f"{0xA0 + i:016x}", "category": "hard_prompt", "subcategory": "coding", "prompt": text}
+        for i, text in enumerate(instructions)
+    ]
+    return write_jsonl(path, questions)
+
+
+def check_arena_export(answer_file: Path, question_file: Path, model: str, tok) -> list[str]:
+    """Arena-Hard's reader finds one answer per question uid, under the model named by the file, with the style
+    metadata its show_result computes; returns the answers' texts."""
+    assert answer_file.name == f"{model}.jsonl"  # Arena-Hard names the model after the file
     answer_dir = str(answer_file.parent)
     answers = arena_load_model_answers(answer_dir)
-    assert list(answers) == ["tiny-policy"]
+    assert list(answers) == [model]
     style = arena_style_metadata(answer_dir)
-    assert list(style) == ["tiny-policy"]  # the `model` field is the file's name too
+    assert list(style) == [model]  # the `model` field is the file's name too
+    texts = []
     for q in arena_load_questions(str(question_file)):
-        a = answers["tiny-policy"][q["uid"]]
-        assert a["model"] == "tiny-policy" and a["ans_id"]
+        a = answers[model][q["uid"]]
+        assert a["model"] == model and a["ans_id"]
         assert [m["role"] for m in a["messages"]] == ["user", "assistant"]
         assert a["messages"][0]["content"] == q["prompt"]
         text = a["messages"][-1]["content"]["answer"]
-        assert stop not in text.split()
-        meta = style["tiny-policy"][q["uid"]]
+        meta = style[model][q["uid"]]
         assert list(meta) == ["token_len", "header_count", "list_count", "bold_count"]
         assert meta["token_len"] == len(tok(text, add_special_tokens=False)["input_ids"])
         assert arena_features(meta)[1:] == arena_features(arena_count_markdown(text))
+        texts.append(text)
+    return texts
 
 
 def test_arena_hard_markdown_counts_match_theirs(tmp_path):
