@@ -8,6 +8,7 @@ Commands:
   eval    evaluate a model                     rto eval model=... data.path=... reference=... reward=...
   inspect DPO token rewards, coloured          rto inspect model=... ref=... dpo=... data.path=...
   pipeline the toy world end to end            rto pipeline --recipe toy
+  export  a checkpoint as Hugging Face folders rto export runs/<name>/checkpoints/step_00000042 <out>
   info    versions, device, and whether the Triton kernels are active
 Settings are `key=value` overrides on top of a recipe (`--recipe NAME` from rto/recipes, or a YAML path);
 `rto <cmd> --help-config` lists every setting with its default and meaning.
@@ -127,6 +128,15 @@ def cmd_tool(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_HELP = "a training checkpoint as Hugging Face folders (<out>, or <out>/actor and <out>/critic for ppo)"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from rto.export import main as export
+
+    return export(args)
+
+
 def project_errors() -> dict[type, str]:
     """The project's own errors, each printed as one line naming its kind: bad input and run faults, never
     bugs (those keep their traceback). OSError covers I/O: a missing file, a full or read-only disk."""
@@ -165,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--debug", action="store_true", help="show the traceback of a project error (or RTO_DEBUG=1)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. optim.lr=1e-6")
         p.set_defaults(fn=cmd_train if name in TRAIN_HELP else cmd_tool)
+    p = sub.add_parser("export", help=EXPORT_HELP, description=EXPORT_HELP)
+    from rto.export import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=cmd_export)
     sub.add_parser("info", help="versions, device and kernel path of this installation").set_defaults(fn=cmd_info)
     return parser
 
