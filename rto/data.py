@@ -12,6 +12,7 @@ names file and line, and the report logged per dataset says what was read and co
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rto.config import ConfigError, DataConfig
+from rto.config import ConfigError, PromptDataConfig
 from rto.formats import (
     DataError,
     RowError,
@@ -96,12 +97,21 @@ def require_rows(n: int, needed: int, name: str, setting: str) -> None:
 # ---- loading ----
 
 
-def load_rows(path: str, split: str, what: str = "data.path", bad_rows: str = "error"):
+def load_rows(path: str, split: str, what: str = "data.path", bad_rows: str = "error", subset: str | None = None):
     """A `datasets.Dataset` from a local .json/.jsonl/.parquet file, a folder (saved dataset or data files), or
-    a hub id. Errors of the library become DataErrors naming the file (and line)."""
+    a hub id; `subset` (data.subset): the dataset's config name, `datasets.load_dataset(name=...)`, for a hub id or
+    a folder of data files (one file or a saved dataset has none: refused). Errors of the library become
+    DataErrors naming the file (and line)."""
     import datasets
 
     p = Path(path).expanduser()
+    saved = p.is_dir() and any((p / f).exists() for f in SAVED_MARKERS)
+    if subset is not None and (p.is_file() or saved):
+        kind = "one file" if p.is_file() else "a saved dataset (save_to_disk)"
+        raise ConfigError(
+            f"data.subset={subset!r}: {what} {path} is {kind}, so it has no configs; leave data.subset out, or "
+            "point the path at a hub dataset or a folder of data files"
+        )
     if p.is_file() and p.suffix not in FILE_BUILDERS:
         raise ConfigError(f"{what}: {p} is not a .json, .jsonl or .parquet file")
     if p.is_file() and p.stat().st_size == 0:
@@ -111,14 +121,14 @@ def load_rows(path: str, split: str, what: str = "data.path", bad_rows: str = "e
             ds = load_json(p, what, bad_rows)
         elif p.is_file():
             ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-        elif p.is_dir() and any((p / f).exists() for f in SAVED_MARKERS):
+        elif saved:
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict) and split not in ds:
                 raise DataError(f"{what} {path} has no split {split!r}; its splits: {', '.join(ds)} (set data.split)")
             ds = ds[split] if isinstance(ds, datasets.DatasetDict) else ds
         else:
             check_model_path(path, what)
-            ds = datasets.load_dataset(str(p) if p.is_dir() else path, split=split)
+            ds = datasets.load_dataset(str(p) if p.is_dir() else path, name=subset, split=split)
     except (ConfigError, DataError):
         raise
     except Exception as e:  # pyarrow, datasets, fsspec and OS errors: one line naming the file
@@ -127,20 +137,33 @@ def load_rows(path: str, split: str, what: str = "data.path", bad_rows: str = "e
             if problems:
                 at = f" line {problems[0][0]}" if problems[0][0] else ""
                 raise DataError(f"{what} {f}{at}: {problems[0][1]}; fix the file") from None
-        raise DataError(f"{what} {path}: cannot be loaded ({reason(e)})") from e
+        raise _config_error(e, what, path, subset) or DataError(f"{what} {path}: cannot be loaded ({reason(e)})") from e
     if len(ds) == 0:
         raise DataError(f"{what} {path}: the dataset has no rows")
     return ds
 
 
-def load_data_rows(cfg: DataConfig):
-    """The configured training split (data.path, data.split), cut to its first data.max_rows rows if set."""
+def _config_error(e: BaseException, what: str, path: str, subset: str | None) -> DataError | None:
+    """`datasets` refusing the config name (none given for a dataset with several, or an unknown one) as one line
+    listing the configs, or None for any other error."""
+    text = str(e)
+    if not ("Config name is missing" in text or ("BuilderConfig" in text and "not found" in text)):
+        return None
+    found = re.search(r"(?:available configs|Available): \[([^\]]*)\]", text)
+    configs = ", ".join(c.strip(" '\"") for c in found.group(1).split(",")) if found else "(not listed)"
+    problem = "has several configs" if subset is None else f"has no config {subset!r}"
+    return DataError(f"{what} {path} {problem}; its configs: {configs} (set data.subset)")
+
+
+def load_data_rows(cfg: PromptDataConfig):
+    """The configured training split (data.path, data.split, data.subset), cut to its first data.max_rows rows if
+    set."""
     if Path(cfg.path).expanduser().is_file() and cfg.split != "train":
         raise ConfigError(
             f"data.split={cfg.split!r}: {cfg.path} is one file, so it has no splits; leave data.split "
             "out, or point data.path at a folder or hub dataset with splits"
         )
-    rows = load_rows(cfg.path, cfg.split, bad_rows=cfg.bad_rows)
+    rows = load_rows(cfg.path, cfg.split, bad_rows=cfg.bad_rows, subset=cfg.subset)
     if cfg.max_rows is not None:
         rows = rows.select(range(min(cfg.max_rows, len(rows))))
     return rows
@@ -198,7 +221,7 @@ def trained_spans(tokenizer, conv: list[dict], trained: list[int], hint: str) ->
     return ids, mask
 
 
-def fit_prompt(prompt_ids: list[int], cfg: DataConfig, report: Report) -> list[int] | None:
+def fit_prompt(prompt_ids: list[int], cfg: PromptDataConfig, report: Report) -> list[int] | None:
     """Apply data.overlong to a prompt: unchanged, truncated (keeping its end: the last turn and the generation
     prompt), None when dropped, or a RowError."""
     if len(prompt_ids) <= cfg.max_prompt_length:
@@ -213,7 +236,7 @@ def fit_prompt(prompt_ids: list[int], cfg: DataConfig, report: Report) -> list[i
     return None if cfg.overlong == "drop" else prompt_ids[-cfg.max_prompt_length :]
 
 
-def fit(ids: list[int], mask: list[bool], cfg: DataConfig, report: Report) -> Example | None:
+def fit(ids: list[int], mask: list[bool], cfg: PromptDataConfig, report: Report) -> Example | None:
     """The length policy on a tokenised conversation: data.overlong on what precedes the first trained token,
     then the whole cut at data.max_length (counted). None when the row is dropped."""
     n_prompt = mask.index(True)
@@ -228,7 +251,7 @@ def fit(ids: list[int], mask: list[bool], cfg: DataConfig, report: Report) -> Ex
     return Example(ids, mask)
 
 
-def encode(tokenizer, prompt: list[dict], reply: list[dict], cfg: DataConfig, report: Report) -> Example | None:
+def encode(tokenizer, prompt: list[dict], reply: list[dict], cfg: PromptDataConfig, report: Report) -> Example | None:
     """A prompt and its one assistant reply, with the loss on the reply; None when the row is dropped."""
     conv = prompt + reply
     ids, mask = trained_spans(tokenizer, conv, [len(prompt)], "fix model.chat_template")
@@ -237,7 +260,7 @@ def encode(tokenizer, prompt: list[dict], reply: list[dict], cfg: DataConfig, re
     return example
 
 
-def _tokenize(rows, name: str, cfg: DataConfig, one_row, report: Report, progress: bool):
+def _tokenize(rows, name: str, cfg: PromptDataConfig, one_row, report: Report, progress: bool):
     from tqdm.auto import tqdm
 
     report.rows = len(rows)
@@ -266,7 +289,7 @@ def _columns(rows, name: str, choose, *args):
         raise DataError(f"{name}: {e}") from None
 
 
-def tokenize_sft(rows, tokenizer, cfg: DataConfig, name: str, progress: bool = False):
+def tokenize_sft(rows, tokenizer, cfg: PromptDataConfig, name: str, progress: bool = False):
     """Conversations, with the loss on every assistant turn (or the last, data.assistant_turns=last)."""
     fmt, last_only = data_format(cfg), last_turn_only(cfg)
     key, source = _columns(rows, name, sft_column, cfg.messages_key)
@@ -282,7 +305,7 @@ def tokenize_sft(rows, tokenizer, cfg: DataConfig, name: str, progress: bool = F
     return _tokenize(rows, name, cfg, one_row, Report(name, source=source), progress)
 
 
-def tokenize_pairs(rows, tokenizer, cfg: DataConfig, name: str, progress: bool = False):
+def tokenize_pairs(rows, tokenizer, cfg: PromptDataConfig, name: str, progress: bool = False):
     """Preference pairs: a prompt and one assistant reply each for chosen and rejected (see rto.formats)."""
     fmt, keys = data_format(cfg), (cfg.chosen_key, cfg.rejected_key)
     prompt_key, source = _columns(rows, name, pair_columns, cfg.prompt_key, keys)
@@ -295,7 +318,7 @@ def tokenize_pairs(rows, tokenizer, cfg: DataConfig, name: str, progress: bool =
     return _tokenize(rows, name, cfg, one_row, Report(name, source=source), progress)
 
 
-def tokenize_prompts(rows, tokenizer, cfg: DataConfig, name: str, progress: bool = False):
+def tokenize_prompts(rows, tokenizer, cfg: PromptDataConfig, name: str, progress: bool = False):
     """Prompt-only rows (RL, eval), from the column `rto.formats.prompt_column` chooses, each ending with the user
     turn to answer, rendered with the generation prompt. Items are lists of token ids."""
     fmt, keys = data_format(cfg), (cfg.chosen_key, cfg.rejected_key)
@@ -308,7 +331,7 @@ def tokenize_prompts(rows, tokenizer, cfg: DataConfig, name: str, progress: bool
     return _tokenize(rows, name, cfg, one_row, Report(name, source=source), progress)
 
 
-def prompt_turns(rows, cfg: DataConfig, name: str) -> list[list[dict]]:
+def prompt_turns(rows, cfg: PromptDataConfig, name: str) -> list[list[dict]]:
     """Every row's prompt turns as `tokenize_prompts` reads them (same column, format and checks; no skipping)."""
     fmt, keys = data_format(cfg), (cfg.chosen_key, cfg.rejected_key)
     kind, column, _ = _columns(rows, name, prompt_column, cfg.prompt_key, cfg.messages_key, keys)

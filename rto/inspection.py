@@ -45,7 +45,7 @@ def inspect_tokens(cfg: InspectConfig) -> str:
     tok = load_tokenizer(ModelConfig(path=cfg.model))
     for what in ("ref", "dpo"):  # they score the model's token ids
         check_same_tokenizer(tok, getattr(cfg, what), what, "the model's")
-    rows = load_rows(cfg.data.path, cfg.data.split)
+    rows = load_rows(cfg.data.path, cfg.data.split, subset=cfg.data.subset)
     prompts, _ = tokenize_prompts(rows.select(range(min(cfg.n, len(rows)))), tok, cfg.data, cfg.data.path)
     sampling = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     samples = generate(cfg.model, prompts, tok, **sampling)

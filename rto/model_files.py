@@ -3,7 +3,8 @@
 A local path must be a Hugging Face model folder (config.json and weights), not a file, an empty folder or a run
 folder (whose model is in `hf/`); a hub id is resolved by `from_pretrained`, whose errors (offline, truncated
 safetensors, a bad config) become one line naming the setting and the path. `check_vocabulary` refuses a model
-with fewer embedding rows than its tokenizer has tokens before a forward could index past them.
+with fewer embedding rows than its tokenizer has tokens before a forward could index past them. `hub_kwargs` gives
+every `from_pretrained` of a model its `model.revision` and `model.trust_remote_code`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,25 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoTokenizer
 
-from rto.config import ConfigError
+from rto.config import ConfigError, ModelConfig
 from rto.config.base import first_line
+
+
+def hub_kwargs(cfg: ModelConfig | None, path: str, what: str = "model.path") -> dict:
+    """The keywords of every `from_pretrained` of `path` (tokenizer, config, weights) under the model settings
+    `cfg`: `trust_remote_code` for any path, `revision` for `cfg.path` itself (the other models a command loads,
+    PPO's ref, dpo, reward and critic or a separate tokenizer, take their default branch). A revision with a local
+    folder is refused: from_pretrained would ignore it. No settings (`cfg` None): the defaults."""
+    if cfg is None:
+        return {"revision": None, "trust_remote_code": False}
+    revision = cfg.revision if path == cfg.path else None
+    if revision is not None and Path(path).expanduser().exists():
+        setting = what.removesuffix("path") + "revision" if what.endswith(".path") else "the revision setting"
+        raise ConfigError(
+            f"{what}: {path} is a local folder, but {setting}={revision!r} names a branch, tag or commit of a hub "
+            "model (from_pretrained would ignore it): unset it, or give the hub id"
+        )
+    return {"revision": revision, "trust_remote_code": cfg.trust_remote_code}
 
 
 def check_model_path(path: str, what: str = "model.path") -> None:
@@ -85,12 +103,15 @@ def check_vocabulary(model: nn.Module, tokenizer, what: str) -> None:
         )
 
 
-def check_same_tokenizer(actor_tok, path: str, what: str, whose: str = "the actor's") -> None:
+def check_same_tokenizer(
+    actor_tok, path: str, what: str, whose: str = "the actor's", cfg: ModelConfig | None = None
+) -> None:
     """A model that scores another model's token ids (DPO model, reward model, critic, reference) must share its
-    vocabulary and EOS."""
+    vocabulary and EOS; `cfg`: the model settings its tokenizer loads under (`hub_kwargs`)."""
     check_model_path(path, what)
+    kwargs = hub_kwargs(cfg, path, what)
     with reading_model(path, what):
-        other = AutoTokenizer.from_pretrained(path)
+        other = AutoTokenizer.from_pretrained(path, **kwargs)
     a, b = actor_tok.get_vocab(), other.get_vocab()
     if a != b or actor_tok.eos_token_id != other.eos_token_id:
         diff = sorted(set(a.items()) ^ set(b.items()))[:3]

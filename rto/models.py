@@ -9,6 +9,8 @@
   values for the critic, the value at the last valid token for the reward model. `load_scalar_model` reads the
   published reward-model formats (HF sequence classification, OpenRLHF's value head) with their trained heads.
   Both save as ordinary HF checkpoints.
+- Every `from_pretrained` of a model (tokenizer, config, weights) gets `trust_remote_code` and, for the model's
+  own path, `revision` from its `ModelConfig` (`rto.model_files.hub_kwargs`).
 - `tiny_tokenizer` / `tiny_causal_lm` build small models in code for tests and the toy world (no downloads).
 """
 
@@ -47,6 +49,7 @@ from rto.model_files import (  # noqa: F401  (re-exported: the checks callers ru
     check_model_path,
     check_same_tokenizer,
     check_vocabulary,
+    hub_kwargs,
     reading_model,
 )
 
@@ -61,8 +64,9 @@ def load_tokenizer(cfg: ModelConfig):
         check_model_path(path, what)
     else:  # the model's own folder: a file, an empty folder or a run folder gets its own message, not a tokenizer's
         check_model_folder(path, what, weights=False)
+    kwargs = hub_kwargs(cfg, path, what)
     with reading_model(path, what):
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
     if cfg.chat_template is not None:
         tok.chat_template = cfg.chat_template
     if not tok.chat_template:
@@ -82,9 +86,9 @@ def load_causal_lm(path: str, cfg: ModelConfig, what: str = "model.path") -> nn.
     """A policy-side causal LM (actor, reference, DPO model, SFT model), checked by the parity probe: the fused
     head must give the model's own log-probs, or the run stops naming `what` and the model's family."""
     check_model_folder(path, what)
-    dtype = DTYPES[cfg.dtype]
+    dtype, hub = DTYPES[cfg.dtype], hub_kwargs(cfg, path, what)
     with reading_model(path, what):
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=cfg.attn_implementation, **hub)
     parity_probe(lm, what, dtype)
     return lm
 
@@ -103,10 +107,12 @@ def load_scalar_model(path: str, cfg: ModelConfig, what: str = "model.path") -> 
     weights stops the run naming them. Any other checkpoint (a causal LM) gets a new head: the family's
     sequence-classification class, else its token-classification class, else a ModelError naming the family."""
     check_model_folder(path, what)
+    hub = hub_kwargs(cfg, path, what)
     with reading_model(path, what):
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, **hub)
     arch = (getattr(config, "architectures", None) or ["?"])[0]
     kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, output_loading_info=True)
+    kwargs.update(hub)
     trained = True
     if arch in OPENRLHF_ARCHITECTURES:
         prefix = getattr(config, "value_head_prefix", None) or "value_head"

@@ -117,6 +117,7 @@ BAD = {
     C.PPOConfig: ("algo", "grpo"),
     C.ModelConfig: ("attn_implementation", "flash"),
     C.DataConfig: ("eval_fraction", 1.0),
+    C.PromptDataConfig: ("overlong", "cut"),  # ppo, eval and inspect: prompts, no held-out set
     C.OptimConfig: ("betas", [0.9, 1.0]),
     C.TrainConfig: ("micro_batch_size", 0),
     C.ParallelConfig: ("timeout_s", 0.0),
@@ -199,7 +200,11 @@ def test_no_setting_accepts_nan_inf_a_negative_count_or_an_empty_name(command):
         ("ppo", ["critic_optim.warmup_ratio=1"], "critic_optim.warmup_ratio must be a finite number >= 0 and < 1"),
         ("ppo", ["critic_optim.grad_clip=nan"], "critic_optim.grad_clip must be a finite number >= 0, got nan"),
         ("ppo", ["data.max_prompt_length=1024"], "data.max_prompt_length (1024) must be below data.max_length"),
-        ("ppo", ["data.eval_fraction=-0.1"], "data.eval_fraction must be a finite number >= 0 and < 1"),
+        ("sft", ["data.eval_fraction=-0.1"], "data.eval_fraction must be a finite number >= 0 and < 1"),
+        ("ppo", ["data.eval_fraction=0.1"], "Key 'eval_fraction' not in 'PromptDataConfig'"),  # ppo has no eval set
+        ("ppo", ["data.subset=''"], "data.subset must be a non-empty string (or null)"),
+        ("sft", ["model.revision=''"], "model.revision must be a non-empty string (or null)"),
+        ("ppo", ["run.wandb_project=''"], "run.wandb_project must be a non-empty string"),
         ("ppo", ["run.overwrite=true", "run.resume=auto"], "run.overwrite=true starts fresh but run.resume=auto"),
         ("sft", ["optim.grad_clip=nan"], "optim.grad_clip must be a finite number >= 0, got nan"),
         ("sft", ["optim.lr=inf"], "optim.lr must be a finite number > 0, got inf"),

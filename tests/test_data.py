@@ -29,7 +29,7 @@ from rto.data import (
     tokenize_prompts,
     tokenize_sft,
 )
-from rto.models import load_tokenizer, tiny_tokenizer
+from rto.models import load_tokenizer, tiny_causal_lm, tiny_tokenizer
 from tests.assets import WORDS, write_jsonl
 
 TOK = tiny_tokenizer(WORDS)
@@ -316,9 +316,11 @@ def test_length_policy_is_applied_and_counted():
 
 
 def test_tokenizer_without_template_or_pad_token_is_refused(tmp_path):
+    config = tiny_causal_lm(len(TOK)).config  # model.path must be a model folder (config.json); no weights needed
     tok = tiny_tokenizer(WORDS)
     tok.chat_template = None
     tok.save_pretrained(tmp_path / "t")
+    config.save_pretrained(tmp_path / "t")
     with pytest.raises(ConfigError, match="has no chat template: set model.chat_template"):
         load_tokenizer(ModelConfig(path=str(tmp_path / "t")))
     fixed = load_tokenizer(ModelConfig(path=str(tmp_path / "t"), chat_template="{{ messages[0]['content'] }}"))
@@ -326,6 +328,7 @@ def test_tokenizer_without_template_or_pad_token_is_refused(tmp_path):
     tok = tiny_tokenizer(WORDS)
     tok.pad_token = None
     tok.save_pretrained(tmp_path / "p")
+    config.save_pretrained(tmp_path / "p")
     with pytest.raises(ConfigError, match="has no pad token: set model.pad_token"):
         load_tokenizer(ModelConfig(path=str(tmp_path / "p")))
     with pytest.raises(ConfigError, match="model.pad_token 'nope' is not in the vocabulary"):

@@ -1,8 +1,10 @@
 """The sections every training command shares (model, data, optimizer, steps, FSDP2, outputs) and the configs of
-the offline commands: sft, rm and dpo (`OfflineConfig` and its subclasses)."""
+the offline commands: sft, rm and dpo (`OfflineConfig` and its subclasses). The data section of the commands that
+read prompts (ppo, eval, inspect) is `PromptDataConfig`; sft, rm and dpo's `DataConfig` adds the held-out set."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from omegaconf import MISSING
@@ -10,6 +12,15 @@ from omegaconf import MISSING
 from rto.config.base import ConfigError, Keys, Section, doc
 
 DPO_LOSSES = ("dpo", "ipo", "rdpo", "simpo", "tdpo")
+WANDB_MISSING = "{at}wandb=true but wandb is not installed (pip install wandb)"
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (without importing it)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent that fails to import; a module set to None in sys.modules
+        return False
 
 
 @dataclass
@@ -20,22 +31,36 @@ class ModelConfig(Section):
     attn_implementation: str = doc("sdpa", "attention backend: sdpa, eager or flash_attention_2")
     chat_template: str | None = doc(None, "Jinja chat template to use when the tokenizer has none")
     pad_token: str | None = doc(None, "token to pad with when the tokenizer has no pad token (e.g. its EOS token)")
+    revision: str | None = doc(
+        None,
+        "hub branch, tag or commit of path, for every load of path (weights, config; the tokenizer unless tokenizer "
+        "is set; a ref left to default); other models load their default branch; refused for a local folder",
+    )
+    trust_remote_code: bool = doc(
+        False,
+        "run the Python code a hub model ships (custom architectures or tokenizers) for every model and tokenizer "
+        "the command loads (ppo: ref, dpo, reward and critic too)",
+    )
 
     def check(self, at: str) -> None:
         k = Keys(self, at)
         k.text("path")
-        k.text("tokenizer", "chat_template", "pad_token", optional=True)
+        k.text("tokenizer", "chat_template", "pad_token", "revision", optional=True)
         k.choice("dtype", ("float32", "bfloat16"))
         k.choice("attn_implementation", ("sdpa", "eager", "flash_attention_2"))
 
 
 @dataclass
-class DataConfig(Section):
+class PromptDataConfig(Section):
+    """The data section of the commands that read prompts (ppo, eval, inspect): no held-out set of its own."""
+
     path: str = doc(MISSING, "hub id, local .json/.jsonl/.parquet file, or folder of such files")
-    split: str = doc("train", "split to train on")
-    eval_path: str | None = doc(None, "held-out set (same forms as path); default: eval_split of path")
-    eval_split: str | None = doc(None, "held-out split of path; with neither, eval_fraction of train is held out")
-    eval_fraction: float = doc(0.05, "share of the training rows held out when no eval set is given (0: no eval)")
+    split: str = doc("train", "split to train on (eval, inspect: to read the prompts from)")
+    subset: str | None = doc(
+        None,
+        "the dataset's config name (datasets.load_dataset's name=, e.g. default or a named config) for a hub id or "
+        "a folder of data files; refused for a single file or a saved dataset (default: the dataset's only one)",
+    )
     messages_key: str = doc("messages", "column of SFT conversations (lists of {role, content})")
     prompt_key: str = doc("prompt", "column of prompts (a string or a list of messages)")
     chosen_key: str = doc("chosen", "column of preferred responses (messages; may repeat the prompt turns)")
@@ -56,8 +81,7 @@ class DataConfig(Section):
     def check(self, at: str) -> None:
         k = Keys(self, at)
         k.text("path", "split", "messages_key", "prompt_key", "chosen_key", "rejected_key")
-        k.text("eval_path", "eval_split", optional=True)
-        k.real("eval_fraction", at_least=0, below=1)
+        k.text("subset", optional=True)
         k.ints("max_length", "max_prompt_length")
         k.ints("max_rows", optional=True)
         k.choice("overlong", ("error", "truncate", "drop"))
@@ -71,6 +95,23 @@ class DataConfig(Section):
                 f"{at}max_prompt_length ({self.max_prompt_length}) must be below {at}max_length "
                 f"({self.max_length}): no room is left for the response"
             )
+
+
+@dataclass
+class DataConfig(PromptDataConfig):
+    """The data section of sft, rm and dpo: the training set and its held-out set."""
+
+    eval_path: str | None = doc(
+        None, "held-out set (same forms as path; subset applies only if it is path); default: eval_split of path"
+    )
+    eval_split: str | None = doc(None, "held-out split of path; with neither, eval_fraction of train is held out")
+    eval_fraction: float = doc(0.05, "share of the training rows held out when no eval set is given (0: no eval)")
+
+    def check(self, at: str) -> None:
+        super().check(at)
+        k = Keys(self, at)
+        k.text("eval_path", "eval_split", optional=True)
+        k.real("eval_fraction", at_least=0, below=1)
 
 
 @dataclass
@@ -124,6 +165,11 @@ class ParallelConfig(Section):
     activation_checkpointing: bool = doc(False, "recompute decoder-layer activations in backward")
     cpu_offload: bool = doc(False, "keep sharded parameters and gradients in CPU memory (FSDP2 offload)")
     timeout_s: float = doc(1800.0, "seconds a collective may wait for the other ranks before the run stops")
+    single_rank_fsdp: bool = doc(
+        False,
+        "shard with FSDP2 on one rank too (default: one rank trains the plain model, without FSDP2's copies; "
+        "cpu_offload, and bf16 on CPU, need this there)",
+    )
 
     def check(self, at: str) -> None:
         k = Keys(self, at)
@@ -142,8 +188,13 @@ class RunConfig(Section):
         "start is refused",
     )
     keep_last: int = doc(2, "checkpoints kept (older ones are deleted)")
-    tensorboard: bool = doc(True, "write tensorboard events (when tensorboard is installed)")
-    wandb: bool = doc(False, "log to Weights & Biases (must be installed)")
+    tensorboard: bool = doc(
+        True, "write tensorboard events (when tensorboard is installed), the run's config.yaml as the text 'config'"
+    )
+    wandb: bool = doc(False, "log to Weights & Biases (must be installed), the run's config as its config")
+    wandb_project: str = doc("rto", "wandb project of the run")
+    wandb_entity: str | None = doc(None, "wandb entity (user or team); default: wandb's own default entity")
+    wandb_group: str | None = doc(None, "wandb group (e.g. the runs of one pipeline or sweep); default: none")
     progress: bool = doc(True, "show a progress bar")
 
     def check(self, at: str) -> None:
@@ -152,7 +203,11 @@ class RunConfig(Section):
         if self.name in (".", ".."):  # the run folder would be output_dir itself or its parent
             k.fail("name", "a folder name inside output_dir")
         k.text("resume", optional=True)
+        k.text("wandb_project")
+        k.text("wandb_entity", "wandb_group", optional=True)
         k.ints("keep_last")
+        if self.wandb and not installed("wandb"):  # refused here: before any model loads, on every rank
+            raise ConfigError(WANDB_MISSING.format(at=at))
         if self.overwrite and self.resume is not None:
             raise ConfigError(f"{at}overwrite=true starts fresh but {at}resume={self.resume} continues: set one")
 

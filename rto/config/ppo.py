@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from rto.config.base import STOP_TOKENS_DOC, ConfigError, Keys, Section, doc
-from rto.config.offline import DataConfig, ModelConfig, OptimConfig, ParallelConfig, RunConfig
+from rto.config.offline import ModelConfig, OptimConfig, ParallelConfig, PromptDataConfig, RunConfig
 from rto_kernels import KL_ESTIMATORS, SHAPINGS
 
 
@@ -111,7 +111,7 @@ class PPOConfig(Section):
     dpo: str | None = doc(None, "DPO model (trained with ref = the SFT model); needed by rto, rs-ppo and ddpo")
     reward: str = doc(MISSING, "reward model (token-classification checkpoint with one label)")
     critic: str | None = doc(None, "critic initialisation; default: the reward model")
-    data: DataConfig = doc(factory=DataConfig, text="prompts (messages or prompt column)")
+    data: PromptDataConfig = doc(factory=PromptDataConfig, text="prompts (messages or prompt column)")
     rollout: RolloutConfig = doc(factory=RolloutConfig, text="generation")
     rewards: RewardConfig = doc(factory=RewardConfig, text="token rewards and GAE")
     actor_optim: OptimConfig = doc(factory=lambda: OptimConfig(lr=5e-7), text="actor optimizer and schedule")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from rto.config.base import STOP_TOKENS_DOC, ConfigError, Keys, Section, doc
-from rto.config.offline import DPO_LOSSES, DataConfig
+from rto.config.offline import DPO_LOSSES, PromptDataConfig
 from rto_kernels import SHAPINGS
 
 
@@ -19,7 +19,7 @@ class EvalConfig(Section):
     reward: str | None = doc(None, "reward model to score responses with")
     gold: bool = doc(False, "also score with the toy world's gold reward (toy prompts only)")
     pad_token: str | None = doc(None, "token to pad with when the tokenizer has none")
-    data: DataConfig = doc(factory=DataConfig, text="prompts (messages or prompt column)")
+    data: PromptDataConfig = doc(factory=PromptDataConfig, text="prompts (messages or prompt column)")
     temperature: float = doc(0.7, "0.7: AlpacaEval's setting; 0: greedy, Arena-Hard's")
     top_p: float = doc(1.0, "nucleus sampling, in (0, 1]")
     max_new_tokens: int = doc(512, "response length cap")
@@ -46,7 +46,7 @@ class InspectConfig(Section):
     model: str = doc(MISSING, "policy whose responses are shown (hub id or folder)")
     ref: str = doc(MISSING, "reference (SFT) model")
     dpo: str = doc(MISSING, "DPO model whose token reward colours the tokens")
-    data: DataConfig = doc(factory=DataConfig, text="prompts (messages or prompt column)")
+    data: PromptDataConfig = doc(factory=PromptDataConfig, text="prompts (messages or prompt column)")
     n: int = doc(8, "responses to render")
     temperature: float = doc(0.7, "sampling temperature (0: greedy)")
     max_new_tokens: int = doc(64, "response length cap")

@@ -28,7 +28,7 @@ def build_task(ctx) -> Task:
     if cfg.loss != "simpo":
         ref_what = "ref" if cfg.ref else "model.path"
         if cfg.ref:
-            check_same_tokenizer(ctx.tokenizer, cfg.ref, "ref", "the policy's")
+            check_same_tokenizer(ctx.tokenizer, cfg.ref, "ref", "the policy's", cfg.model)
         ref, _ = build.policy(cfg.ref or cfg.model.path, cfg.model, ref_what, **common, frozen=True)
         if cfg.loss == "tdpo":
             ref_head = ref.gathered_head()  # (weight, head spec), gathered once: the reference never changes

@@ -82,7 +82,8 @@ def load_items(ctx: Context, tokenize: Callable) -> tuple[list, list]:
     held_out = None
     if cfg.data.eval_path or cfg.data.eval_split:
         path, split = cfg.data.eval_path or cfg.data.path, cfg.data.eval_split or cfg.data.split
-        rows = load_rows(path, split, "data.eval_path", bad_rows=cfg.data.bad_rows)
+        subset = cfg.data.subset if path == cfg.data.path else None  # data.subset names a config of data.path
+        rows = load_rows(path, split, "data.eval_path", bad_rows=cfg.data.bad_rows, subset=subset)
         held_out, _ = tokenize(rows, ctx.tokenizer, cfg.data, name=f"{path}[{split}]", progress=progress)
     train, held_out = split_eval(items, cfg, held_out)
     require_rows(len(train), cfg.train.global_batch_size, f"{name} (training part)", "train.global_batch_size")

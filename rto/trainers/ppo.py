@@ -260,11 +260,11 @@ def main(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> dict:
 def _train(cfg: PPOConfig, d: Dist, run_dir: Path, lock: RunLock, rollout_metrics: RolloutMetrics | None) -> dict:
     tokenizer = load_tokenizer(cfg.actor)
     if cfg.dpo is not None and cfg.algo != "ppo":
-        check_same_tokenizer(tokenizer, cfg.dpo, "dpo")
-    check_same_tokenizer(tokenizer, cfg.reward, "reward")
+        check_same_tokenizer(tokenizer, cfg.dpo, "dpo", cfg=cfg.actor)
+    check_same_tokenizer(tokenizer, cfg.reward, "reward", cfg=cfg.actor)
     for what in ("critic", "ref"):  # optional models that score the actor's token ids too
         if getattr(cfg, what) is not None:
-            check_same_tokenizer(tokenizer, getattr(cfg, what), what)
+            check_same_tokenizer(tokenizer, getattr(cfg, what), what, cfg=cfg.actor)
     prompts = load_prompts(cfg, tokenizer, d)
     t = cfg.train
     guard = NonFiniteGuard(t.max_nonfinite, str(run_dir / "checkpoints"))
