@@ -38,7 +38,16 @@ class ResumeError(ValueError):
 
 # The settings a checkpoint can only be continued under (with the command): what the run trains, on what, and
 # what shapes its optimiser state and data order. A resume under other values is refused, naming the field.
-_OFFLINE_KEYS = ("model.path", "data.path", "data.split", "train.seed", "train.global_batch_size", "optim.betas")
+_OFFLINE_KEYS = (
+    "model.path",
+    "model.revision",
+    "data.path",
+    "data.subset",
+    "data.split",
+    "train.seed",
+    "train.global_batch_size",
+    "optim.betas",
+)
 IDENTITY_KEYS = {
     "sft": _OFFLINE_KEYS,
     "rm": _OFFLINE_KEYS,
@@ -47,11 +56,14 @@ IDENTITY_KEYS = {
         "algo",
         "estimator",
         "actor.path",
+        "actor.revision",
         "ref",
         "dpo",
         "reward",
         "critic",
         "data.path",
+        "data.subset",
+        "data.split",
         "train.seed",
         "train.train_batch_size",
         "rollout.prompts_per_step",
