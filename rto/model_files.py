@@ -9,6 +9,7 @@ every `from_pretrained` of a model its `model.revision` and `model.trust_remote_
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,6 +77,12 @@ def reading_model(path: str, what: str):
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         if isinstance(e, ConfigError):
             raise
+        unsupported = re.match(r"(\w+) does not support an attention implementation through (\S+?) yet", str(e))
+        if unsupported:  # transformers' advice names its own keyword; ours is a setting
+            cls, backend = unsupported.groups()
+            backend = "sdpa" if "scaled_dot_product" in backend else backend
+            hint = "set attn_implementation=eager (model.attn_implementation; actor.attn_implementation for ppo)"
+            raise ConfigError(f"{what}: {path}: {cls} cannot run attention through {backend}; {hint}") from e
         where = _unreadable_weights(path) if isinstance(e, SafetensorError) else None
         where = f"{where} is unreadable" if where else f"cannot load the model at {path}"
         raise ConfigError(f"{what}: {where}: {first_line(e)}") from e

@@ -68,7 +68,7 @@ def test_scalar_model_from_a_causal_lm_checkpoint(tmp_path):
 
 V = 64
 SIZES = dict(vocab_size=V, hidden_size=16, num_attention_heads=2, pad_token_id=0, tie_word_embeddings=False)
-RM_CONFIGS = {  # a family with a token-classification class, and two without one (OPT, Gemma 3)
+RM_CONFIGS = {  # families with a token-classification class, and some without one (OPT, Gemma 3, OLMo 2)
     "gpt_neox": ("GPTNeoXConfig", dict(SIZES, intermediate_size=32, num_hidden_layers=1)),
     "opt": ("OPTConfig", dict(SIZES, ffn_dim=32, num_hidden_layers=1, word_embed_proj_dim=16)),
     "gemma3_text": (
@@ -76,6 +76,12 @@ RM_CONFIGS = {  # a family with a token-classification class, and two without on
         dict(SIZES, intermediate_size=32, num_hidden_layers=1, head_dim=8, num_key_value_heads=1),
     ),
     "llama": ("LlamaConfig", dict(SIZES, intermediate_size=32, num_hidden_layers=1, num_key_value_heads=1)),
+    "qwen2": ("Qwen2Config", dict(SIZES, intermediate_size=32, num_hidden_layers=1, num_key_value_heads=1)),
+    "gemma2": (
+        "Gemma2Config",
+        dict(SIZES, intermediate_size=32, num_hidden_layers=1, head_dim=8, num_key_value_heads=1),
+    ),
+    "olmo2": ("Olmo2Config", dict(SIZES, intermediate_size=32, num_hidden_layers=1, num_key_value_heads=1)),
 }
 
 
@@ -98,20 +104,24 @@ def _hand_score(base: torch.nn.Module, head_weight: torch.Tensor, ids, attn) -> 
     return (hidden[torch.arange(len(ids)), attn.sum(1) - 1] @ head_weight.T).squeeze(-1)
 
 
-def _score(path) -> torch.Tensor:
-    hf = load_scalar_model(str(path), ModelConfig(path=str(path)), "reward")
+def _score(path, attn_implementation: str = "sdpa") -> torch.Tensor:
+    cfg = ModelConfig(path=str(path), attn_implementation=attn_implementation)
+    hf = load_scalar_model(str(path), cfg, "reward")
     ids, attn = _rm_rows()
     with torch.no_grad():
         return last_valid(ScalarModel(hf)(ids, attn), attn), hf
 
 
-@pytest.mark.parametrize("name", ["gpt_neox", "opt", "gemma3_text"])
+@pytest.mark.parametrize("name", list(RM_CONFIGS))
 def test_sequence_classification_reward_models_load_with_their_head(tmp_path, name):
     torch.manual_seed(0)
     rm = AutoModelForSequenceClassification.from_config(_rm_config(name), attn_implementation="eager").eval()
     rm.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "model.safetensors")["score.weight"]
-    score, hf = _score(tmp_path)
+    if name == "gemma2":  # its sequence-classification class has no sdpa path: refused with our setting's name
+        with pytest.raises(ConfigError, match="Gemma2ForSequenceClassification cannot run attention through sdpa; set"):
+            _score(tmp_path)
+    score, hf = _score(tmp_path, "eager" if name == "gemma2" else "sdpa")
     ids, attn = _rm_rows()
     torch.testing.assert_close(score, _hand_score(rm.base_model, saved, ids, attn), rtol=0, atol=1e-5)
     with torch.no_grad():
