@@ -1,6 +1,7 @@
 """The horizon study: RTO vs PPO (and the ablations) on the chain toy world, across answer lengths and world seeds.
 
-Run:  nice -n 15 python benchmarks/study_horizon.py --out /work/study_runs        (runs what is missing, in order)
+Run:  nice -n 15 python benchmarks/study_horizon.py --out /work/study_runs        (runs what is missing, in order;
+      start it again beside itself for a second worker: each run, and a world being built, is claimed)
       python benchmarks/study_horizon.py --out /work/study_runs --plan           (list the runs and their state)
       python benchmarks/study_horizon.py --out /work/study_runs --aggregate      (write benchmarks/results/ only)
 
@@ -28,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -139,12 +141,71 @@ def tuning_score(result: dict) -> float:
     return sum(result["heldout_gold"][-2:]) / 2
 
 
+CLAIM = "claim.json"  # {"host", "pid"} of the worker running the run (or building the world) in that folder
+
+
+def _held(folder: Path) -> bool:
+    """Whether a live worker on this machine holds `folder` (a claim whose process is gone is stale)."""
+    held = read_json(folder / CLAIM)
+    if not held or held.get("host") != socket.gethostname():
+        return bool(held)  # another machine's claim is respected
+    try:
+        os.kill(int(held["pid"]), 0)
+    except (ProcessLookupError, ValueError, KeyError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def claim(folder: Path) -> bool:
+    """Take `folder` for this worker (False when a live worker holds it); release with `release`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(folder / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _held(folder):
+                return False
+            (folder / CLAIM).unlink(missing_ok=True)  # stale
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+        return True
+    return False
+
+
+def release(folder: Path) -> None:
+    held = read_json(folder / CLAIM)
+    if held and held.get("pid") == os.getpid() and held.get("host") == socket.gethostname():
+        (folder / CLAIM).unlink(missing_ok=True)
+
+
+def take(out: Path, r: dict) -> list[Path]:
+    """Claims for running `r`: its folder, and its world's while the world is still to be built (two workers
+    must not build one world); [] when another worker holds either."""
+    world = world_dir(out, r["L"], r["seed"])
+    folders = [run_dir(out, r["L"], r["seed"], r["arm"], r["variant"])]
+    if not (world / "results.json").is_file():
+        folders.append(world)
+    taken = []
+    for folder in folders:
+        if not claim(folder):
+            for t in taken:
+                release(t)
+            return []
+        taken.append(folder)
+    return taken
+
+
 def state(out: Path, r: dict) -> str:
     if r["variant"] is None:
         return "waiting for tuning"
     d = run_dir(out, r["L"], r["seed"], r["arm"], r["variant"])
     if (d / "result.json").is_file():
         return "done"
+    if (d / CLAIM).is_file() and _held(d):
+        return "running"
     failed = read_json(d / "failed.json")
     return f"failed x{failed['attempts']}" if failed else "pending"
 
@@ -229,13 +290,24 @@ def main() -> int:
     study.out.mkdir(parents=True, exist_ok=True)
     code = freeze_code(study.out, a.refresh_code)
     while True:
-        todo = [r for r in study.plan() if runnable(state(study.out, r), a.max_attempts)]
+        states = [(r, state(study.out, r)) for r in study.plan()]
+        todo = [r for r, st in states if runnable(st, a.max_attempts)]
         if not todo:
+            if any(st == "running" for _, st in states):  # other workers' runs may unlock tuned ones
+                time.sleep(60)
+                continue
             break
-        r = todo[0]
+        r, taken = next(((r, t) for r in todo if (t := take(study.out, r))), (None, []))
+        if r is None:  # every runnable run waits on a world another worker is building
+            time.sleep(60)
+            continue
         t0 = time.time()
         print(f"== {r['phase']} L={r['L']} seed={r['seed']} {r['arm']} {variant_name(r['variant'])}", flush=True)
-        ok = execute(study.out, r, code, a.threads)
+        try:
+            ok = execute(study.out, r, code, a.threads)
+        finally:
+            for folder in taken:
+                release(folder)
         print(f"   {'done' if ok else 'FAILED'} in {time.time() - t0:.0f} s ({len(todo) - ok} left)", flush=True)
         try:
             write_report(study, study.out / "aggregate")
