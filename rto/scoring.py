@@ -6,6 +6,7 @@ every forward runs padding-free and its outputs come back in the [B, T] layout.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,7 @@ def score_rollout(
     temperature: float,
     micro_batch_size: int,
     packing: bool = False,
+    dpo_support: float | None = None,
 ) -> Scored:
     parts = []
     for i in range(0, batch.input_ids.shape[0], micro_batch_size):
@@ -55,7 +57,16 @@ def score_rollout(
             )
         )
     cat = {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in parts[0]}
+    if dpo_support is not None and cat["logp_dpo"] is not None:
+        cat["logp_dpo"] = on_support(cat["logp_dpo"], cat["logp_ref"], dpo_support)
     score = cat["raw_score"]
     if score_norm is not None:  # (mean, std): rewards.score_mean/score_std, or what the reward model states
         score = (score - score_norm[0]) / score_norm[1]
     return Scored(score=score, **cat)
+
+
+def on_support(logp_dpo: torch.Tensor, logp_ref: torch.Tensor, support: float) -> torch.Tensor:
+    """The DPO log-probs with the log-ratio taken as 0 (logp_dpo := logp_ref) wherever the reference gives the
+    token a probability below `support`: no DPO credit for tokens the reference would hardly produce, which is
+    where a DPO model trained on few responses puts its largest, least informed log-ratios."""
+    return torch.where(logp_ref < math.log(support), logp_ref, logp_dpo)

@@ -6,6 +6,8 @@ global sums into the metrics that are logged (names with units: `_s` seconds, `_
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import rto_kernels
@@ -45,6 +47,8 @@ def rollout_stats(
             (torch.where(mask, returns, zero) ** 2).sum(),
         )
         stats["err_sum"], stats["err_sq"] = err.sum(), (err**2).sum()
+    if s.logp_dpo is not None and cfg.rewards.dpo_support is not None:  # tokens given no DPO credit
+        stats["dpo_unsupported"] = (mask & (s.logp_ref < math.log(cfg.rewards.dpo_support))).sum().float()
     return stats
 
 
@@ -67,6 +71,8 @@ def summarise(r: dict[str, float], u: dict[str, float], seconds: dict[str, float
         "train/kl_old_k3": u["kl_old_k3"] / max(u["tokens"], 1),
         "train/actor_grad_norm": u["actor_grad_norm"] / updates,
     }
+    if "dpo_unsupported" in r:
+        m["rollout/dpo_unsupported_fraction"] = r["dpo_unsupported"] / tok
     if "entropy" in u:
         m["train/entropy"] = u["entropy"] / max(u["tokens"], 1)
     if "vf_loss" in u:

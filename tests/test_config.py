@@ -179,6 +179,7 @@ def test_no_setting_accepts_nan_inf_a_negative_count_or_an_empty_name(command):
     [
         ("ppo", ["rewards.kl_coef=-5"], "rewards.kl_coef must be a finite number >= 0, got -5.0"),
         ("ppo", ["rewards.dpo_clip=-0.05"], "rewards.dpo_clip must be a finite number > 0 (or null), got -0.05"),
+        ("ppo", ["rewards.dpo_support=1"], "rewards.dpo_support must be a finite number > 0 and < 1 (or null), got 1"),
         ("ppo", ["train.clip_eps=-0.5"], "train.clip_eps must be a finite number > 0, got -0.5"),
         ("ppo", ["train.value_clip=0"], "train.value_clip must be a finite number > 0"),
         ("ppo", ["rewards.score_clip=0"], "rewards.score_clip must be a finite number > 0 (or null)"),

@@ -19,6 +19,7 @@ from rto.forward import policy_logp
 from rto.models import tiny_causal_lm, tiny_tokenizer
 from rto.parallel import init_distributed
 from rto.rollout.weight_sync import stream_weights
+from rto.scoring import on_support
 from rto.trainers import ppo
 from tests.assets import WORDS, make_rl_assets, small_ppo_args
 
@@ -128,6 +129,39 @@ def test_rewards_fed_to_gae_follow_the_reference_formula(rl, tmp_path, monkeypat
     # whitened advantages: mean 0, variance 1 over the response tokens
     assert advantages[mask].mean().item() == pytest.approx(0, abs=1e-5)
     assert advantages[mask].var(unbiased=False).item() == pytest.approx(1, abs=1e-3)
+
+
+def test_on_support_zeroes_the_dpo_log_ratio_where_the_reference_hardly_goes():
+    ref = torch.log(torch.tensor([[0.5, 0.01, 0.2], [0.001, 0.3, 0.05]]))
+    dpo = torch.log(torch.tensor([[0.6, 0.4, 0.1], [0.2, 0.3, 0.01]]))
+    out = on_support(dpo, ref, 0.05)  # 0.01 and 0.001 are off the support; 0.05 is on it
+    expected = torch.stack([torch.stack([dpo[0, 0], ref[0, 1], dpo[0, 2]]), torch.stack([ref[1, 0], *dpo[1, 1:]])])
+    assert torch.equal(out, expected)
+
+
+def test_support_aware_dpo_term_changes_only_the_tokens_off_the_reference_support(rl, tmp_path, monkeypatch):
+    seen = {}
+
+    def spy(name):
+        def record(scored, mask, c):
+            seen[name] = (scored, mask)
+            return adv_mod.compute_advantages(scored, mask, c)
+
+        return record
+
+    support = 0.04  # about 1 / vocabulary: the tiny random reference puts tokens on both sides
+    for name, extra in (("plain", []), ("support", [f"rewards.dpo_support={support}"])):
+        monkeypatch.setattr(ppo, "compute_advantages", spy(name))
+        ppo.main(cfg(rl, tmp_path, name, "algo=rto", "train.steps=1", *extra))
+    (plain, mask), (aware, _) = seen["plain"], seen["support"]
+    torch.testing.assert_close(aware.logp_ref, plain.logp_ref)  # same seed: the same first rollout
+    off = mask & (plain.logp_ref < math.log(support))
+    assert 0 < off.sum() < mask.sum()
+    torch.testing.assert_close(aware.logp_dpo[off], aware.logp_ref[off])  # no DPO credit there
+    torch.testing.assert_close(aware.logp_dpo[mask & ~off], plain.logp_dpo[mask & ~off])
+    logged = metrics(tmp_path / "support")[0]["rollout/dpo_unsupported_fraction"]
+    assert logged == pytest.approx(off.sum().item() / mask.sum().item())
+    assert "rollout/dpo_unsupported_fraction" not in metrics(tmp_path / "plain")[0]
 
 
 def test_policy_moves_and_clip_fraction_is_sane(rl, tmp_path):

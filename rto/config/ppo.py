@@ -54,6 +54,9 @@ class RewardConfig(Section):
     kl_estimator: str = doc("k1", "KL estimator on logp - ref_logp: k1, k2 or k3")
     dpo_scale: float = doc(0.05, "scale of the DPO token reward dpo_scale * (logp_dpo - logp_ref)")
     dpo_clip: float | None = doc(0.05, "clip of the DPO token reward, > 0 (null: none)")
+    dpo_support: float | None = doc(
+        None, "support-aware DPO term: no DPO token reward where the reference's token probability is below this"
+    )
     score_mean: float | None = doc(None, "reward-model score normalisation (score - mean) / std (null: none)")
     score_std: float | None = doc(None, "see score_mean")
     score_clip: float | None = doc(10.0, "clip of the (normalised) score, > 0 (null: none)")
@@ -66,6 +69,7 @@ class RewardConfig(Section):
         k.real("kl_coef", "dpo_scale", at_least=0)
         k.real("score_mean", optional=True)
         k.real("dpo_clip", "score_std", "score_clip", above=0, optional=True)
+        k.real("dpo_support", above=0, below=1, optional=True)
         if (self.score_mean is None) != (self.score_std is None):
             raise ConfigError(f"{at}score_mean and {at}score_std go together: set both or neither")
         k.real("gamma", "lam", at_least=0, at_most=1)

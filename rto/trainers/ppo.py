@@ -180,7 +180,8 @@ class PPOTrainer:
         m, c = self.models, self.cfg
         models = dict(actor=m.actor, ref=m.ref, dpo=m.dpo, critic=m.critic, reward_model=m.reward)
         settings = dict(temperature=c.rollout.temperature, micro_batch_size=c.train.micro_batch_size)
-        return score_rollout(batch, **models, score_norm=self.score_norm, **settings, packing=c.train.packing)
+        settings.update(packing=c.train.packing, dpo_support=c.rewards.dpo_support)
+        return score_rollout(batch, **models, score_norm=self.score_norm, **settings)
 
     def update(self, batch, scored, adv, returns) -> dict[str, torch.Tensor]:
         update = ppo_update(batch, scored, adv, returns, self.trainables, self.cfg, self.d, self.steps_done)
