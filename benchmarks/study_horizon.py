@@ -117,7 +117,8 @@ class Study:
 
 
 def variant_name(v: dict) -> str:
-    return f"lr{v['lr']:g}" + (f"_dpo{v['dpo']:g}" if "dpo" in v else "")
+    name = f"lr{v['lr']:g}" + (f"_dpo{v['dpo']:g}" if "dpo" in v else "")
+    return name + (f"_support{v['support']:g}" if "support" in v else "")  # rewards.dpo_support (pilot arms)
 
 
 def default_variant(arm: str) -> dict:

@@ -105,6 +105,8 @@ def main(spec: dict) -> None:
     ]
     if "dpo" in v:
         overrides += [f"dpo={root / 'dpo' / 'hf'}", f"rewards.dpo_scale={v['dpo']}", f"rewards.dpo_clip={v['dpo']}"]
+    if "support" in v:  # the support-aware DPO term
+        overrides.append(f"rewards.dpo_support={v['support']}")
     cfg = load_config("ppo", "toy", overrides)
     tok = load_tokenizer(cfg.actor)
     probe = gold_metrics(tok, world)
