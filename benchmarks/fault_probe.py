@@ -861,12 +861,12 @@ def run_cases(cases: list[Case], assets: dict[str, Path], work: Path, jobs: int 
     return results
 
 
-def write_results(results: list[dict], out: Path, wall_s: float) -> tuple[Path, Path]:
+def write_results(results: list[dict], out: Path, wall_s: float, jobs: int = 2) -> tuple[Path, Path]:
     stamp = dt.date.today().isoformat()
     counts = Counter(r["outcome"] for r in results)
     by_group = Counter((r["group"], r["outcome"]) for r in results)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"date": stamp, "wall_s": round(wall_s), "counts": dict(counts), "cases": results}
+    data = {"date": stamp, "wall_s": round(wall_s), "jobs": jobs, "counts": dict(counts), "cases": results}
     json_file = out / f"fault_probe_{stamp}.json"
     json_file.write_text(json.dumps(data, indent=1))
     outcomes = [*OUTCOMES, "error"]
@@ -874,7 +874,7 @@ def write_results(results: list[dict], out: Path, wall_s: float) -> tuple[Path, 
         f"# Fault probe, {stamp}",
         "",
         f"`python benchmarks/fault_probe.py`: {len(results)} faults and bad inputs, each a real `python -m rto` "
-        f"command in its own folder, 2 at a time on 2 shared CPU cores, {wall_s / 60:.1f} min in all. How a case "
+        f"command in its own folder, {jobs} at a time on 2 shared CPU cores, {wall_s / 60:.1f} min in all. How a case "
         "is judged: the docstring of benchmarks/fault_probe.py.",
         "",
         "| outcome | cases |",
@@ -921,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"assets in {work / 'assets'} ({time.perf_counter() - start:.0f} s); {len(cases)} cases", flush=True)
     results = run_cases(cases, assets, work, args.jobs)
     wall = time.perf_counter() - start
-    md_file, _ = write_results(results, Path(args.out), wall)
+    md_file, _ = write_results(results, Path(args.out), wall, args.jobs)
     counts = Counter(r["outcome"] for r in results)
     print(
         f"{len(results)} cases in {wall / 60:.1f} min: "
