@@ -320,8 +320,9 @@ def _eos_list(value) -> list[int]:
     return [int(value)] if isinstance(value, int) else [int(v) for v in value]
 
 
-def generation_eos_ids(model_path: str | None) -> list[int]:
-    """`eos_token_id` (int or list) of the model's generation_config.json; [] when it has none."""
+def generation_eos_ids(model_path: str | None, revision: str | None = None) -> list[int]:
+    """`eos_token_id` (int or list) of the model's generation_config.json (at `revision` for a hub id); [] when it
+    has none."""
     if not model_path:
         return []
     from transformers import GenerationConfig
@@ -330,17 +331,19 @@ def generation_eos_ids(model_path: str | None) -> list[int]:
     if folder.is_dir() and not (folder / "generation_config.json").exists():
         return []
     try:
-        gen = GenerationConfig.from_pretrained(str(folder) if folder.is_dir() else model_path)
+        gen = GenerationConfig.from_pretrained(str(folder) if folder.is_dir() else model_path, revision=revision)
     except OSError:  # a hub model without generation_config.json
         return []
     return _eos_list(gen.eos_token_id)
 
 
-def stop_token_ids(tokenizer, model_path: str | None, extra: list[str] | tuple[str, ...] = ()) -> list[int]:
+def stop_token_ids(
+    tokenizer, model_path: str | None, extra: list[str] | tuple[str, ...] = (), revision: str | None = None
+) -> list[int]:
     """Token ids that end a response: the tokenizer's EOS first (the primary EOS, written when a response is
     cut at the length cap), then the model's generation_config eos ids, then the `extra` token strings (an
     unknown one is a ConfigError naming it). Each id once, in that order."""
-    ids = _eos_list(tokenizer.eos_token_id) + generation_eos_ids(model_path)
+    ids = _eos_list(tokenizer.eos_token_id) + generation_eos_ids(model_path, revision)
     vocab = tokenizer.get_vocab()
     for token in extra:
         if token not in vocab:

@@ -245,3 +245,20 @@ def test_tensorboard_gets_the_run_config_once_as_text(tmp_path):
     (text,) = events.Tensors("config/text_summary")
     shown = text.tensor_proto.string_val[0].decode()
     assert "    optim:" in shown and "lr: 0.0003" in shown and "trust_remote_code: false" in shown
+
+
+def test_the_revision_reaches_the_generation_config_of_a_hub_model(monkeypatch):
+    """Stop tokens come from the model's generation_config.json: at the pinned revision, like its weights."""
+    from rto.families import stop_token_ids
+    from rto.models import tiny_tokenizer
+
+    seen = []
+
+    def fake(path, *args, **kw):
+        seen.append((path, kw.get("revision")))
+        return transformers.GenerationConfig(eos_token_id=[7, 9])
+
+    monkeypatch.setattr(transformers.GenerationConfig, "from_pretrained", fake)
+    tok = tiny_tokenizer(["w1", "w2"])
+    assert stop_token_ids(tok, "org/model", [], revision="v1.0") == [tok.eos_token_id, 7, 9]
+    assert seen == [("org/model", "v1.0")]

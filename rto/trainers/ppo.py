@@ -82,7 +82,7 @@ def build_models(cfg: PPOConfig, d: Dist, tokenizer=None) -> Models:
 def build_engine(cfg: PPOConfig, models: Models, tokenizer, d: Dist):
     """The rollout engine; it stops a response at any of the model's stop tokens (tokenizer EOS, the model's
     generation_config eos ids, rollout.stop_tokens)."""
-    stops = stop_token_ids(tokenizer, cfg.actor.path, cfg.rollout.stop_tokens)
+    stops = stop_token_ids(tokenizer, cfg.actor.path, cfg.rollout.stop_tokens, revision=cfg.actor.revision)
     if cfg.rollout.engine == "vllm":
         from rto.rollout.vllm import VLLMEngine
 
