@@ -1,9 +1,11 @@
-"""The fault probe (benchmarks/fault_probe.py): its judge on made-up results, and a few of its real cases run
-through the same machinery as the full probe, each of which must be handled clearly."""
+"""The fault probe (benchmarks/fault_probe.py, its cases in benchmarks/fault_cases.py): its judge on made-up
+results, and a few of its real cases run through the same machinery as the full probe, each of which must be
+handled clearly."""
 
 from __future__ import annotations
 
-from benchmarks.fault_probe import CASES, Case, Env, Run, build_assets, judge, merge, run_cases, snapshot, untouched
+from benchmarks.fault_cases import CASES, Case
+from benchmarks.fault_probe import Env, Run, build_assets, judge, merge, run_cases, snapshot, untouched
 
 # fast cases (refused before any model trains): a bad value, an unknown setting, a bad data file, a run folder
 REPRESENTATIVE = ("lr_inf", "unknown_setting", "invalid_json_line_50", "resume_from_nowhere")
