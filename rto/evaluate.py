@@ -43,7 +43,7 @@ from rto.formats import columns, data_format, prompt_column, prompt_row
 from rto.models import (
     ScalarModel,
     check_model_folder,
-    check_same_tokenizer,
+    check_same_tokenizers,
     load_scalar_model,
     load_tokenizer,
     reading_model,
@@ -262,9 +262,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     samples = generate(cfg.model, prompts, tok, stop_ids=stops, **kw)
     lengths = statistics.fmean(len(s.response_ids) for s in samples)
     result: dict = {"model": cfg.model, "n": len(samples), "temperature": cfg.temperature, "mean_length": lengths}
-    for what in ("reference", "reward"):  # they score this model's token ids
-        if getattr(cfg, what):
-            check_same_tokenizer(tok, getattr(cfg, what), what, "the model's")
+    check_same_tokenizers(tok, {"reference": cfg.reference, "reward": cfg.reward}, "the model's")  # they score its ids
     ref_samples = None
     if cfg.reference:
         ref_stops = stop_token_ids(tok, cfg.reference, cfg.stop_tokens)

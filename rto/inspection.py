@@ -19,7 +19,7 @@ import rto_kernels
 from rto.config import InspectConfig, ModelConfig
 from rto.data import load_rows, tokenize_prompts
 from rto.evaluate import generate
-from rto.models import PolicyModel, check_same_tokenizer, load_causal_lm, load_tokenizer
+from rto.models import PolicyModel, check_same_tokenizers, load_causal_lm, load_tokenizer
 
 
 @torch.no_grad()
@@ -43,8 +43,7 @@ def _colour(z: float, scale: float) -> str:
 
 def inspect_tokens(cfg: InspectConfig) -> str:
     tok = load_tokenizer(ModelConfig(path=cfg.model))
-    for what in ("ref", "dpo"):  # they score the model's token ids
-        check_same_tokenizer(tok, getattr(cfg, what), what, "the model's")
+    check_same_tokenizers(tok, {"ref": cfg.ref, "dpo": cfg.dpo}, "the model's")  # they score the model's token ids
     rows = load_rows(cfg.data.path, cfg.data.split, subset=cfg.data.subset)
     prompts, _ = tokenize_prompts(rows.select(range(min(cfg.n, len(rows)))), tok, cfg.data, cfg.data.path)
     sampling = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)

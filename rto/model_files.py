@@ -110,6 +110,15 @@ def check_vocabulary(model: nn.Module, tokenizer, what: str) -> None:
         )
 
 
+def check_same_tokenizers(
+    tok, paths: dict[str, str | None], whose: str = "the actor's", cfg: ModelConfig | None = None
+) -> None:
+    """`check_same_tokenizer` for each {setting: path} given (None: a model the command does not use)."""
+    for what, path in paths.items():
+        if path is not None:
+            check_same_tokenizer(tok, path, what, whose, cfg)
+
+
 def check_same_tokenizer(
     actor_tok, path: str, what: str, whose: str = "the actor's", cfg: ModelConfig | None = None
 ) -> None:

@@ -48,6 +48,7 @@ from rto.model_files import (  # noqa: F401  (re-exported: the checks callers ru
     check_model_folder,
     check_model_path,
     check_same_tokenizer,
+    check_same_tokenizers,
     check_vocabulary,
     hub_kwargs,
     reading_model,

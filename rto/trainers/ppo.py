@@ -32,7 +32,7 @@ from rto.data import epoch_batches, load_data_rows, require_rows, tokenize_promp
 from rto.families import stop_token_ids
 from rto.guard import NonFiniteGuard
 from rto.metrics import run_logger
-from rto.models import check_same_tokenizer, load_tokenizer, reward_normalisation
+from rto.models import check_same_tokenizers, load_tokenizer, reward_normalisation
 from rto.parallel import Dist, all_reduce_sum
 from rto.rollout.engine import RolloutBatch
 from rto.rollout.hf import HFEngine
@@ -260,12 +260,9 @@ def main(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> dict:
 
 def _train(cfg: PPOConfig, d: Dist, run_dir: Path, lock: RunLock, rollout_metrics: RolloutMetrics | None) -> dict:
     tokenizer = load_tokenizer(cfg.actor)
-    if cfg.dpo is not None and cfg.algo != "ppo":
-        check_same_tokenizer(tokenizer, cfg.dpo, "dpo", cfg=cfg.actor)
-    check_same_tokenizer(tokenizer, cfg.reward, "reward", cfg=cfg.actor)
-    for what in ("critic", "ref"):  # optional models that score the actor's token ids too
-        if getattr(cfg, what) is not None:
-            check_same_tokenizer(tokenizer, getattr(cfg, what), what, cfg=cfg.actor)
+    dpo = cfg.dpo if cfg.algo != "ppo" else None
+    scorers = {"dpo": dpo, "reward": cfg.reward, "critic": cfg.critic, "ref": cfg.ref}  # they score the actor's ids
+    check_same_tokenizers(tokenizer, scorers, cfg=cfg.actor)
     prompts = load_prompts(cfg, tokenizer, d)
     t = cfg.train
     guard = NonFiniteGuard(t.max_nonfinite, str(run_dir / "checkpoints"))
