@@ -49,7 +49,7 @@ gpu-test:
 compile-check:
 	$(PY) benchmarks/compile_check.py
 
-# One H100/H200, about 8 minutes: GPU tests, kernel and step benchmarks, the device's compile table, one summary.
+# One H100/H200, about 9 minutes: GPU tests, kernel and step benchmarks, the device's compile table, one summary.
 # `make gpu-campaign ARGS=--dry-run` rehearses it anywhere (CI runs that through tests/test_gpu_compile.py).
 gpu-campaign:
 	$(PY) benchmarks/gpu_campaign.py $(ARGS)

@@ -7,10 +7,13 @@
 The variants are recorded, not listed, so that the list cannot drift from the code: the public ops run on small
 CPU tensors with every kernel launch replaced by a recorder, so the ops' own dispatch picks each launch's tiles,
 warps and compile-time flags; the options swept are read off the ops' signatures (each bool both ways, each
-optional setting off and on, every shaping and KL estimator; an autotuned kernel gives every config). Each distinct
-launch is compiled by Triton's own JIT under a stand-in driver that names the target and cannot launch. Registers
-and stack: the cubin (cuobjdump); spill bytes: Triton's own ptxas command, when the stack is not empty; shared
-memory: the compiler's, against the target's per-block limit. Shape classes, since Triton specialises integers and
+optional setting off and on, every shaping and KL estimator). An autotuned launch (the log-prob kernels,
+rto_kernels._autotune; recorded with autotuning on whatever RTO_AUTOTUNE says) gives one variant per config the
+autotuner could time for it, after its early prune (the list of the launch's dtype), numbered in the `config`
+column (0: the default); the table also sums each config up over its variants. Each distinct launch is compiled
+by Triton's own JIT under a stand-in driver that names the target and cannot launch. Registers and stack: the
+cubin (cuobjdump); spill bytes: Triton's own ptxas command, when the stack is not empty; shared memory: the
+compiler's, against the target's per-block limit. Shape classes, since Triton specialises integers and
 pointers on divisibility by 16: `aligned` (sizes multiples of 16, like model dims), `ragged` (N, V, T not: packed
 tokens, odd vocabularies, response lengths), and `tiles T=...`, the advantage kernel's smaller tiles
 (next_pow2(T), capped at 1024, the tile of the other two classes) at the first option set.
@@ -36,6 +39,7 @@ from pathlib import Path
 import torch
 
 import rto_kernels
+from rto_kernels import _autotune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # (capability, per-block shared memory a kernel may opt into in bytes: cudaDevAttrMaxSharedMemoryPerBlockOptin)
@@ -60,6 +64,8 @@ OPS = {
 SAMPLES = dict(softcap=30.0, logit_scale=0.5, temperature=0.7, kl_coef=0.05, dpo_scale=0.1, dpo_clip=0.05)
 SAMPLES.update(score_clip=5.0, gamma=1.0, lam=0.95)
 CHOICES = dict(kl_estimator=rto_kernels.KL_ESTIMATORS, shaping=rto_kernels.SHAPINGS)
+# Launch options, not constexprs: shown as warps/stages (num_ctas and the rest are Triton's defaults here).
+LAUNCH = ("num_warps", "num_stages", "num_ctas", "maxnreg", "ir_override")
 
 
 @dataclass
@@ -72,13 +78,14 @@ class Variant:
     dtype: str
     shape: str
     ops: list = field(default_factory=list)
+    config: int | None = None  # its place in the autotuner's list for this launch (0: the default); None: untuned
 
     def describe(self) -> dict:
-        on = [k if v is True else f"{k}={v}" for k, v in self.kwargs.items() if v is not False]
-        flags = " ".join(f for f in on if not f.startswith(("num_warps=", "num_stages=")))
+        on = [k if v is True else f"{k}={v}" for k, v in self.kwargs.items() if v is not False and k not in LAUNCH]
         launch = f"{self.kwargs.get('num_warps', 4)}w/{self.kwargs.get('num_stages', '-')}s"
         ops = ", ".join(self.ops)
-        return dict(kernel=self.fn.__name__, ops=ops, dtype=self.dtype, shape=self.shape, flags=flags, launch=launch)
+        out = dict(kernel=self.fn.__name__, ops=ops, dtype=self.dtype, shape=self.shape, flags=" ".join(on))
+        return out | dict(launch=launch, config="-" if self.config is None else str(self.config))
 
 
 def _inputs(op: str, dtype: torch.dtype, s: dict) -> dict:
@@ -120,35 +127,54 @@ def _calls(fn, dtype: torch.dtype, s: dict, first_only: bool) -> list[dict]:
     return [dict(zip((p.name for p in params), c)) for c in itertools.islice(combos, 1 if first_only else None)]
 
 
+def _base(obj):
+    """The JITFunction under any autotune or heuristics wrappers."""
+    from triton.runtime.jit import JITFunction
+
+    while not isinstance(obj, JITFunction):
+        obj = obj.fn
+    return obj
+
+
 def kernel_objects(launched_only: bool = True) -> dict:
     """{module.name: kernel} of the Triton kernels in rto_kernels' modules: those their source launches
-    (`name[grid](...)`), or every one (also helpers, which are never launched)."""
+    (`name[grid](...)`, directly or through an autotuner that wraps them), or every kernel object (also helpers,
+    which are never launched, and the autotuners themselves)."""
     import pkgutil
     from importlib import import_module
 
-    from triton.runtime.jit import KernelInterface
+    from triton.runtime.jit import JITFunction, KernelInterface
 
     found = {}
     for info in pkgutil.iter_modules(rto_kernels.__path__):
         module = import_module(f"rto_kernels.{info.name}")
+        mine = {n: o for n, o in vars(module).items() if isinstance(o, KernelInterface)}
+        mine = {n: o for n, o in mine.items() if _base(o).__module__ == module.__name__}
         launched = set(re.findall(r"(\w+)\[", inspect.getsource(module)))
-        for name, obj in vars(module).items():
-            if isinstance(obj, KernelInterface) and obj.__module__ == module.__name__:
-                if name in launched or not launched_only:
-                    found[f"{info.name}.{name}"] = obj
+        launched |= {_base(o).__name__ for n, o in mine.items() if n in launched}
+        for name, obj in mine.items():
+            if not launched_only or (isinstance(obj, JITFunction) and name in launched):
+                found[f"{info.name}.{name}"] = obj
     return found
 
 
 def _expand(obj, args: tuple, kwargs: dict) -> list:
-    """(JITFunction, kwargs) of each compile one launch can cause: every autotune config, heuristics applied."""
+    """(JITFunction, kwargs, config) of each compile one launch can cause: every autotune config the launch can
+    time (after the autotuner's early prune), numbered in its list (None: untuned), heuristics applied."""
     from triton.runtime.autotuner import Autotuner, Heuristics
 
     if isinstance(obj, Autotuner):
-        return [x for cfg in obj.configs for x in _expand(obj.fn, args, {**kwargs, **cfg.all_kwargs()})]
+        named = dict(zip(obj.arg_names, args))
+        configs = obj.early_config_prune(obj.configs, named, **kwargs) if obj.early_config_prune else obj.configs
+        return [
+            (fn, kw, i)
+            for i, cfg in enumerate(configs)
+            for fn, kw, _ in _expand(obj.fn, args, kwargs | cfg.all_kwargs())
+        ]
     if isinstance(obj, Heuristics):
         named = dict(zip(obj.arg_names, args)) | kwargs
         return _expand(obj.fn, args, {**kwargs, **{k: f(named) for k, f in obj.values.items()}})
-    return [(obj, kwargs)]
+    return [(obj, kwargs, None)]
 
 
 def _spec(a) -> object:
@@ -169,9 +195,9 @@ def record_variants() -> list[Variant]:
 
     def recorder(obj):
         def run(*args, grid, warmup, **kwargs):
-            for fn, kw in _expand(obj, args, kwargs):
+            for fn, kw, config in _expand(obj, args, kwargs):
                 key = (fn.__name__, tuple(map(_spec, args)), tuple(sorted(kw.items())))
-                v = variants.setdefault(key, Variant(fn, args, kw, where["dtype"], where["shape"]))
+                v = variants.setdefault(key, Variant(fn, args, kw, where["dtype"], where["shape"], config=config))
                 v.ops += [] if where["op"] in v.ops else [where["op"]]
 
         return run
@@ -179,6 +205,8 @@ def record_variants() -> list[Variant]:
     for obj in kernels.values():
         obj.run = recorder(obj)
     use_triton, rto_kernels.use_triton = rto_kernels.use_triton, lambda t: True
+    autotune = os.environ.get(_autotune.ENV)
+    os.environ[_autotune.ENV] = "1"  # the autotuned launches, whatever the caller's setting: every config
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny CPU ops: threads only contend (10x slower on a loaded machine)
     try:
@@ -198,6 +226,10 @@ def record_variants() -> list[Variant]:
                     torch.stack([o.sum() for o in outs]).sum().backward()
     finally:
         rto_kernels.use_triton = use_triton
+        if autotune is None:
+            os.environ.pop(_autotune.ENV)
+        else:
+            os.environ[_autotune.ENV] = autotune
         torch.set_num_threads(threads)
         for obj in kernels.values():
             del obj.run
@@ -210,13 +242,20 @@ def record_variants() -> list[Variant]:
 
 def _weight(v: Variant) -> tuple[int, int]:
     """Flags on, then the larger option codes (shaping, estimator): heavier code paths sort later."""
-    return sum(x is True for x in v.kwargs.values()), sum(x for x in v.kwargs.values() if type(x) is int and x < 8)
+    flags = [x for k, x in v.kwargs.items() if k not in LAUNCH]
+    return sum(x is True for x in flags), sum(x for x in flags if type(x) is int and x < 8)
 
 
-def select(variants: list[Variant], subset: str) -> list[Variant]:
+# The dtypes whose every autotune config the test subset compiles; the others compile the default config (0) only.
+TEST_EVERY_CONFIG = ("bfloat16",)
+
+
+def select(variants: list[Variant], subset: str, kernels: tuple[str, ...] = ()) -> list[Variant]:
     """full: all. test: every kernel in every dtype once, aligned, with the most flags on (the most registers),
-    and for a kernel launched in one dtype only the fewest as well (GAE alone). smoke: the lightest of all, one
-    compile for a rehearsal."""
+    and for a kernel launched in one dtype only the fewest as well (GAE alone); an autotuned kernel so for each
+    of its configs in the dtypes of TEST_EVERY_CONFIG, for the default config in the others. smoke: the lightest
+    of all, one compile for a rehearsal. `kernels`: keep those kernels only (all when empty)."""
+    variants = [v for v in variants if not kernels or v.fn.__name__ in kernels]
     aligned = [v for v in variants if v.shape == "aligned"]
     if subset != "test":
         return variants if subset == "full" else [min(aligned, key=_weight)]
@@ -224,8 +263,11 @@ def select(variants: list[Variant], subset: str) -> list[Variant]:
     for name in dict.fromkeys(v.fn.__name__ for v in aligned):
         dtypes = list(dict.fromkeys(v.dtype for v in aligned if v.fn.__name__ == name))
         for dtype in dtypes:
-            group = sorted((v for v in aligned if (v.fn.__name__, v.dtype) == (name, dtype)), key=_weight)
-            out += [group[-1]] + ([group[0]] if len(dtypes) == 1 else [])
+            group = [v for v in aligned if (v.fn.__name__, v.dtype) == (name, dtype)]
+            configs = list(dict.fromkeys(v.config for v in group))
+            for config in configs if dtype in TEST_EVERY_CONFIG else configs[:1]:
+                mine = sorted((v for v in group if v.config == config), key=_weight)
+                out += [mine[-1]] + ([mine[0]] if len(dtypes) == 1 else [])
     return out
 
 
@@ -356,14 +398,16 @@ def run_check(variants: list[Variant], targets: list[str], on_device: bool, firs
     return rows
 
 
-def _share(job: tuple[int, int, str, list[str]]) -> list[dict]:
+def _share(job: tuple[int, int, str, list[str], tuple[str, ...]]) -> list[dict]:
     """A worker's part: record the variants itself (the same list in every process), compile every jobs-th."""
-    index, jobs, subset, targets = job
-    variants = select(record_variants(), subset)
+    index, jobs, subset, targets, kernels = job
+    variants = select(record_variants(), subset, kernels)
     return [r for i in range(index, len(variants), jobs) for r in run_check([variants[i]], targets, False, i)]
 
 
-def compile_all(variants: list[Variant], subset: str, targets: list[str], on_device: bool, jobs: int) -> list[dict]:
+def compile_all(
+    variants: list[Variant], subset: str, targets: list[str], on_device: bool, jobs: int, kernels: tuple[str, ...] = ()
+) -> list[dict]:
     """run_check over `jobs` processes. On a device they compile for its target under the stand-in driver, which
     fills Triton's disk cache; this process then loads each binary (cache hits) to read the driver's counts."""
     from concurrent.futures import ProcessPoolExecutor
@@ -373,8 +417,10 @@ def compile_all(variants: list[Variant], subset: str, targets: list[str], on_dev
     if jobs <= 1:
         return run_check(variants, targets, on_device)
     with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        rows = [r for part in pool.map(_share, [(i, jobs, subset, targets) for i in range(jobs)]) for r in part]
-    if any(r["flags"] != variants[r["index"]].describe()["flags"] for r in rows):
+        parts = pool.map(_share, [(i, jobs, subset, targets, kernels) for i in range(jobs)])
+        rows = [r for part in parts for r in part]
+    same = ("kernel", "dtype", "shape", "flags", "launch", "config")
+    if any(any(r[k] != variants[r["index"]].describe()[k] for k in same) for r in rows):
         raise RuntimeError("compile_check: the workers recorded other variants than this process")
     if on_device:
         return run_check(variants, targets, on_device)
@@ -392,6 +438,25 @@ def _cell(r: dict) -> str:
     return f"{r['regs']}{driver} / {spill} / {r['shared'] // 1024}{' wgmma' if r['wgmma'] else ''}"
 
 
+def config_summary(rows: list[dict], targets: list[str]) -> list[dict]:
+    """One entry per autotuned kernel, dtype and config: its tiles, how many variants, the worst registers and
+    shared memory on each target, the variants not ok, and whether every sm_90 variant uses wgmma."""
+    out = {}
+    for r in rows:
+        if r.get("config", "-") == "-":
+            continue
+        tiles = " ".join(f for f in r["flags"].split() if f.startswith(("BM=", "BV=", "BH=", "BLOCK")))
+        e = out.setdefault((r["kernel"], r["dtype"], r["config"]), dict(tiles=tiles, launch=r["launch"], per={}))
+        t = e["per"].setdefault(r["target"], dict(variants=0, regs=0, shared_pct=0, not_ok=0, wgmma=0))
+        t["variants"] += 1
+        t["not_ok"] += r["status"] != "ok"
+        t["wgmma"] += bool(r.get("wgmma"))
+        t["regs"] = max(t["regs"], r.get("regs", 0))
+        if "shared" in r and r["shared_limit"]:
+            t["shared_pct"] = max(t["shared_pct"], round(100 * r["shared"] / r["shared_limit"]))
+    return [dict(kernel=k, dtype=d, config=c, **e) for (k, d, c), e in out.items()]
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     targets = meta["targets"]
     lines = [f"# Kernel compile table: {', '.join(targets)}, {meta['date']}", "", f"Command: `{meta['command']}`  "]
@@ -405,13 +470,44 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"- {t}: {len(mine)} variants, {len(mine) - len(bad)} ok, {len(bad)} not; max registers {regs}, max "
             f"shared memory {100 * smem:.0f}% of the limit."
         )
-        lines += [f"  - {r['kernel']} {r['dtype']} {r['shape']} [{r['flags']}]: {r['status']}" for r in bad]
+        lines += [
+            f"  - {r['kernel']} {r['dtype']} {r['shape']} [{r['flags']}] config {r['config']}: {r['status']}"
+            for r in bad
+        ]
+    configs = config_summary(rows, targets)
+    if configs:
+        lines += ["", "Autotune configurations (config 0 is the default, the one RTO_AUTOTUNE=0 uses): per target, the"]
+        lines += [
+            "variants compiled, the most registers, the most shared memory (% of the limit), how many are not ok,"
+        ]
+        lines += ["and how many use wgmma.", ""]
+        lines += ["| kernel | dtype | config | tiles | warps/stages | " + " | ".join(targets) + " |"]
+        lines += ["|" + "---|" * (5 + len(targets))]
+        for c in configs:
+            cells = []
+            for t in targets:
+                p = c["per"].get(t)
+                cells.append(
+                    "-"
+                    if p is None
+                    else f"{p['variants']} / {p['regs']} regs / {p['shared_pct']}% / {p['not_ok']} not ok / "
+                    f"{p['wgmma']} wgmma"
+                )
+            lines.append(
+                f"| {c['kernel']} | {c['dtype']} | {c['config']} | {c['tiles']} | {c['launch']} | "
+                + " | ".join(cells)
+                + " |"
+            )
     lines += ["", "Cells: registers / spill store/load bytes / shared KiB (wgmma: Hopper's async MMA in the PTX).", ""]
-    lines += ["| kernel | launched by | dtype | shape | constexprs | warps/stages | " + " | ".join(targets) + " |"]
-    lines += ["|" + "---|" * (6 + len(targets))]
+    lines += [
+        "| kernel | launched by | dtype | shape | constexprs | warps/stages | config | " + " | ".join(targets) + " |"
+    ]
+    lines += ["|" + "---|" * (7 + len(targets))]
     for group in zip(*([r for r in rows if r["target"] == t] for t in targets)):
         r = group[0]
-        desc = f"{r['kernel']} | {r['ops']} | {r['dtype']} | {r['shape']} | {r['flags']} | {r['launch']}"
+        desc = (
+            f"{r['kernel']} | {r['ops']} | {r['dtype']} | {r['shape']} | {r['flags']} | {r['launch']} | {r['config']}"
+        )
         lines.append(f"| {desc} | " + " | ".join(_cell(g) for g in group) + " |")
     return "\n".join(lines) + "\n"
 
@@ -422,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compiling processes")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {', '.join(TARGETS)}")
     parser.add_argument("--device", action="store_true", help="compile for this CUDA device; the driver's counts")
+    parser.add_argument("--kernels", default="", help="comma-separated kernel names to keep (default: every kernel)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for compile_table_*.{md,json}")
     parser.add_argument("--tag", default="", help="put in the file names (the campaign: the device)")
     args = parser.parse_args(argv)
@@ -437,8 +534,9 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     t0 = time.perf_counter()
-    variants = select(record_variants(), args.subset)
-    rows = compile_all(variants, args.subset, targets, args.device, args.jobs)
+    kernels = tuple(k for k in args.kernels.split(",") if k)
+    variants = select(record_variants(), args.subset, kernels)
+    rows = compile_all(variants, args.subset, targets, args.device, args.jobs, kernels)
     times = os.times()  # children: the workers and every ptxas, once waited for
     meta = dict(date=dt.date.today().isoformat(), targets=targets, triton=triton.__version__, torch=torch.__version__)
     meta.update(subset=args.subset, variants=len(variants), wall_s=round(time.perf_counter() - t0, 1))

@@ -1,6 +1,6 @@
 """The first GPU minutes in one command: GPU tests, kernel and step benchmarks, the compile table on the device.
 
-    python benchmarks/gpu_campaign.py                   # one H100/H200: about 8 minutes, every step time-boxed
+    python benchmarks/gpu_campaign.py                   # one H100/H200: about 9 minutes, every step time-boxed
     python benchmarks/gpu_campaign.py --dry-run         # anywhere (CI): the same control flow, each step rehearsed
     python benchmarks/gpu_campaign.py --steps kernels   # some steps again
 
@@ -51,6 +51,7 @@ class Step:
     needs: tuple[str, ...] = ("torch", "triton")
     rehearsal_env: dict = field(default_factory=dict)
     read: Callable[[Path, Path, float], list[str]] | None = None  # (out, log, start time) -> summary lines
+    env: dict = field(default_factory=dict)  # added to the environment of the real run
 
 
 def static_estimate(N: int = 16384, H: int = 4096, V: int = 128256) -> dict:
@@ -98,11 +99,34 @@ def read_tests(out: Path, log: Path, since: float) -> list[str]:
     return lines
 
 
+_AUTOTUNED = re.compile(
+    r"Triton autotuning for function (\w+)(?:,\s*with key as (.*?),)?\s*finished after ([\d.]+)\s*s[,;]\s*"
+    r"best config selected: (.*?);",
+    re.DOTALL,
+)
+
+
+def autotune_choices(text: str) -> list[dict]:
+    """The configs the autotuner chose, as Triton prints them with TRITON_PRINT_AUTOTUNING=1 (its 3.x formats)."""
+    out = []
+    for kernel, key, seconds, config in _AUTOTUNED.findall(text):
+        fields = [f.strip() for f in config.split(",")]
+        kept = [f for f in fields if f not in ("num_ctas: 1", "maxnreg: None", "ir_override: None")]
+        out.append(dict(kernel=kernel, key=" ".join(key.split()), seconds=float(seconds), config=", ".join(kept)))
+    return out
+
+
 def read_kernels(out: Path, log: Path, since: float) -> list[str]:
     estimate = static_estimate()
+    choices = autotune_choices(log.read_text(errors="replace")) if log.exists() else []
+    tuned = ["", "Autotune choices (rto_kernels._autotune; key: shape and flag values, then the dtypes):", ""]
+    tuned += ["| kernel | key | config chosen | tuning s |", "|---|---|---|---|"]
+    tuned += [f"| {c['kernel']} | `{c['key']}` | {c['config']} | {c['seconds']:.2f} |" for c in choices]
+    if not choices:
+        tuned = ["", "- autotune: no choice printed (no compiled log-prob launch, or RTO_AUTOTUNE=0)"]
     path = _newest(out, "kernels_*.json", since)
     if path is None:
-        return ["- no kernel benchmark result"]
+        return ["- no kernel benchmark result", *tuned]
     data = json.loads(path.read_text())
     peak = data["meta"].get("peaks", {}).get("matmul_bf16_tflops")
     lines = [f"- {path.name}; measured bf16 matmul {peak:.0f} TFLOP/s" if peak else f"- {path.name}"]
@@ -124,7 +148,7 @@ def read_kernels(out: Path, log: Path, since: float) -> list[str]:
         floor = estimate["fwd_tflop"] / peak * 1e3  # ms at this device's measured rate
         lines += ["", f"- fused forward ({full[0]['head']}): {full[0]['ms']:.2f} ms against a floor of {floor:.2f} ms "]
         lines[-1] += f"at the measured rate: {100 * floor / full[0]['ms']:.0f}% (target >= 65%)"
-    return lines
+    return lines + tuned
 
 
 def read_step(out: Path, log: Path, since: float) -> list[str]:
@@ -176,8 +200,9 @@ STEPS = (
         what="kernel benchmark (Liger if importable)",
         argv=(*_KERNELS, "--heads", "plain,bias+scale+softcap"),
         rehearsal=(*_KERNELS, "--quick", "--heads", "plain"),
-        timeout_s=160,
+        timeout_s=180,  # the first launch of each autotune key compiles and times every config
         read=read_kernels,
+        env={"TRITON_PRINT_AUTOTUNING": "1"},  # the choices, into the log: the summary lists them
     ),
     Step(
         name="step",
@@ -193,7 +218,7 @@ STEPS = (
         what="compile table on the device (the driver's register counts)",
         argv=(*_COMPILE, "--device"),
         rehearsal=(*_COMPILE, "--subset", "smoke", "--targets", "sm_90", "--jobs", "1"),
-        timeout_s=90,
+        timeout_s=120,  # every autotune config of every variant
         read=read_compile,
     ),
 )
@@ -294,7 +319,7 @@ def run_steps(steps: list[Step], probe: dict, env: dict, fill: dict, budget: flo
             continue
         later = sum(s.timeout_s for s in steps[n + 1 :])  # kept for the steps after; time a step saves flows on
         log = out / "campaign_{tag}_{date}_{name}.log".format(**fill, name=step.name)
-        step_env = env | (step.rehearsal_env if dry_run else {})
+        step_env = env | (step.rehearsal_env if dry_run else step.env)
         results.append(run_step(step, cmd, step_env, log, min(left, max(step.timeout_s, left - later))))
         print(f"gpu_campaign: {step.name}: {results[-1]['status']} ({results[-1]['seconds']} s)", file=sys.stderr)
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from rto_kernels import _autotune
 from rto_kernels._online_softmax import head_factors, incoming_grads
 from rto_kernels._runtime import HAS_TRITON, interpreting, row_major
 
@@ -79,6 +80,7 @@ if HAS_TRITON:
         pre,
         post,
         cols_per_split,
+        N_BUCKET,  # unread: the autotune key's row bucket (rto_kernels._autotune)
         ENTROPY: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
@@ -135,6 +137,7 @@ if HAS_TRITON:
         stride_dz,
         pre,
         post,
+        N_BUCKET,  # unread: the autotune key's row bucket (rto_kernels._autotune)
         ENTROPY: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
@@ -168,16 +171,53 @@ if HAS_TRITON:
 DZ_CHUNK_BYTES = 256 * 2**20
 
 
-def _blocks(dtype: torch.dtype) -> dict:
-    if interpreting():  # small tiles: test shapes span several tiles in every dimension
-        return dict(BM=16, BV=32, BH=16, num_warps=1, num_stages=1)
-    # BV=64, not 128: with a [128, 128] tile the fp32 accumulator plus the online-softmax and dz math of the
-    # same tile sit at the 255-register ceiling and spill (ragged shapes, entropy on; sm_80 and sm_90, worst in
-    # fp32), while [128, 64] compiles with no spill in every variant and keeps wgmma on sm_90
-    # (benchmarks/results/compile_table_*.md). Used by both the forward and the dz kernel.
-    if dtype == torch.float32:  # 4-byte operands: halve the K tile; 2 stages (3 spill 8 B on sm_80, ragged)
-        return dict(BM=128, BV=64, BH=32, num_warps=8, num_stages=2)
-    return dict(BM=128, BV=64, BH=64, num_warps=8, num_stages=3)
+# Tiles under the interpreter: small, so that test shapes span several tiles in every dimension.
+INTERPRETER_TILES = dict(BM=16, BV=32, BH=16, num_warps=1, num_stages=1)
+
+if HAS_TRITON:
+    _c = _autotune.config
+    # Autotune lists (rto_kernels._autotune), by operand width; the first of each is the tuned tile, the one
+    # RTO_AUTOTUNE=0 uses. Tile [BM rows, BV vocabulary columns], BH the K step. The first: BV=64, not 128: with a
+    # [128, 128] tile the fp32 accumulator plus the online-softmax and dz math of the same tile sit at the
+    # 255-register ceiling and spill (ragged shapes, entropy on; sm_80 and sm_90, worst in fp32), while [128, 64]
+    # compiles with no spill in every variant and keeps wgmma on sm_90; fp32 operands halve the K step and take 2
+    # stages (3 spill 8 B on sm_80, ragged). Every configuration passes benchmarks/compile_check.py on sm_80 and
+    # sm_90 with no spill (benchmarks/results/compile_table_*.md); those that did not are listed in docs/kernels.md.
+    FWD_CONFIGS = {
+        "16-bit": [
+            _c(8, 3, BM=128, BV=64, BH=64),
+            _c(8, 4, BM=128, BV=64, BH=64),
+            _c(8, 2, BM=128, BV=64, BH=128),
+            _c(4, 3, BM=64, BV=64, BH=64),
+            _c(8, 3, BM=64, BV=128, BH=64),
+        ],
+        "fp32": [
+            _c(8, 2, BM=128, BV=64, BH=32),
+            _c(8, 3, BM=128, BV=64, BH=16),
+        ],
+    }
+    DZ_CONFIGS = {
+        "16-bit": [
+            _c(8, 3, BM=128, BV=64, BH=64),
+            _c(8, 4, BM=128, BV=64, BH=64),
+            _c(4, 4, BM=64, BV=64, BH=64),
+            _c(8, 3, BM=64, BV=128, BH=64),
+        ],
+        "fp32": [
+            _c(8, 2, BM=128, BV=64, BH=32),
+            _c(8, 3, BM=128, BV=64, BH=16),
+            _c(4, 2, BM=64, BV=64, BH=32),
+            _c(8, 2, BM=64, BV=128, BH=32),
+        ],
+    }
+    # Keys: the flags, the exact H (and V), the row bucket N_BUCKET; Triton adds the tensors' dtypes. The dz
+    # kernel's vocabulary chunk follows from N and the dtype (DZ_CHUNK_BYTES).
+    _linear_fwd_tuned = _autotune.autotuner(
+        _linear_fwd_kernel, FWD_CONFIGS, ["N_BUCKET", "H", "V", "ENTROPY", "HAS_BIAS", "HAS_SOFTCAP"], "h_ptr"
+    )
+    _linear_dz_tuned = _autotune.autotuner(
+        _linear_dz_kernel, DZ_CONFIGS, ["N_BUCKET", "H", "ENTROPY", "HAS_BIAS", "HAS_SOFTCAP"], "h_ptr"
+    )
 
 
 def _num_splits(N: int, V: int, BM: int, BV: int, device: torch.device) -> tuple[int, int]:
@@ -239,29 +279,25 @@ def linear_logprobs_op(
     bias = row_major(bias) if bias is not None else None
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = _blocks(hidden.dtype)
-    splits, cols = _num_splits(N, V, cfg["BM"], cfg["BV"], hidden.device)
+    fixed = _autotune.fixed(FWD_CONFIGS, hidden.dtype, INTERPRETER_TILES)
+    # The split is sized for the first configuration's rows and the largest BV (which every BV divides), so that
+    # it does not depend on the configuration the autotuner picks.
+    bv = _autotune.largest(FWD_CONFIGS, hidden.dtype, INTERPRETER_TILES, "BV")
+    splits, cols = _num_splits(N, V, fixed["BM"], bv, hidden.device)
     part = torch.empty(4, splits, N, dtype=torch.float32, device=hidden.device)  # m, s, t, target logit
     pre, post = head_factors(logit_scale, softcap, temperature)
     if N > 0:
-        grid = (triton.cdiv(N, cfg["BM"]), splits)
-        _linear_fwd_kernel[grid](
-            hidden,
-            weight,
-            weight if bias is None else bias,  # an unread pointer without a bias
-            targets,
-            *part,
-            N,
-            V,
-            H,
-            hidden.stride(0),
-            weight.stride(0),
-            pre,
-            post,
-            cols,
-            **_flags(hidden, bias, softcap, with_entropy),
-            **cfg,
-        )
+
+        def grid(meta):
+            return triton.cdiv(N, meta["BM"]), splits
+
+        args = (hidden, weight, weight if bias is None else bias, targets, *part)  # an unread bias pointer without one
+        args += (N, V, H, hidden.stride(0), weight.stride(0), pre, post, cols, _autotune.n_bucket(N))
+        flags = _flags(hidden, bias, softcap, with_entropy)
+        if _autotune.enabled():
+            _linear_fwd_tuned[grid](*args, **flags)
+        else:
+            _linear_fwd_kernel[grid](*args, **flags, **fixed)
     m, s, t, tgt_logit = part.unbind(0)  # each [S, N]
     m_max = m.amax(0)  # [N]
     w = torch.exp(m - m_max)  # [S, N]
@@ -303,7 +339,8 @@ def linear_logprobs_backward_op(
     bias = row_major(bias) if bias is not None else None
     N, H = hidden.shape
     V = weight.shape[0]
-    cfg = _blocks(hidden.dtype)
+    fixed = _autotune.fixed(DZ_CONFIGS, hidden.dtype, INTERPRETER_TILES)
+    bv = _autotune.largest(DZ_CONFIGS, hidden.dtype, INTERPRETER_TILES, "BV")  # chunks: whole tiles of every BV
     grad_w = torch.empty_like(weight)
     grad_h = torch.zeros(N, H, dtype=torch.float32, device=hidden.device)
     grad_b = torch.empty(V if bias is not None else 0, dtype=torch.float32, device=hidden.device)
@@ -311,35 +348,24 @@ def linear_logprobs_backward_op(
     g_logp = grad_logp.float().contiguous()
     g_ent = grad_entropy.float().contiguous() if with_entropy else g_logp
     pre, post = head_factors(logit_scale, softcap, temperature)
-    chunk = max(cfg["BV"], (DZ_CHUNK_BYTES // max(1, N * hidden.element_size())) // cfg["BV"] * cfg["BV"])
+    chunk = max(bv, (DZ_CHUNK_BYTES // max(1, N * hidden.element_size())) // bv * bv)
     dz = torch.empty(N, min(chunk, V), dtype=hidden.dtype, device=hidden.device)
+    flags = _flags(hidden, bias, softcap, with_entropy)
     for v0 in range(0, V, chunk):
         v1 = min(v0 + chunk, V)
         dz_c = dz[:, : v1 - v0]
         if N > 0:
-            grid = (triton.cdiv(N, cfg["BM"]), triton.cdiv(v1 - v0, cfg["BV"]))
-            _linear_dz_kernel[grid](
-                hidden,
-                weight,
-                weight if bias is None else bias,
-                targets,
-                stats,
-                g_logp,
-                entropy if with_entropy else g_logp,
-                g_ent,
-                dz_c,
-                N,
-                H,
-                v0,
-                v1,
-                hidden.stride(0),
-                weight.stride(0),
-                dz.stride(0),
-                pre,
-                post,
-                **_flags(hidden, bias, softcap, with_entropy),
-                **cfg,
-            )
+
+            def grid(meta, width=v1 - v0):
+                return triton.cdiv(N, meta["BM"]), triton.cdiv(width, meta["BV"])
+
+            args = (hidden, weight, weight if bias is None else bias, targets, stats, g_logp)
+            args += (entropy if with_entropy else g_logp, g_ent, dz_c, N, H, v0, v1)
+            args += (hidden.stride(0), weight.stride(0), dz.stride(0), pre, post, _autotune.n_bucket(N))
+            if _autotune.enabled():
+                _linear_dz_tuned[grid](*args, **flags)
+            else:
+                _linear_dz_kernel[grid](*args, **flags, **fixed)
         torch.mm(dz_c.T, hidden, out=grad_w[v0:v1])  # [chunk, H]: these rows of dW are complete
         grad_h += _mm_fp32(dz_c, weight[v0:v1])  # [N, H]
         if bias is not None:

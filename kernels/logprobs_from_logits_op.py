@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from rto_kernels import _autotune
 from rto_kernels._online_softmax import head_factors, incoming_grads
-from rto_kernels._runtime import HAS_TRITON, interpreting, row_major
+from rto_kernels._runtime import HAS_TRITON, row_major
 
 if HAS_TRITON:
     import triton
@@ -31,6 +32,7 @@ if HAS_TRITON:
         stride_x,
         pre,
         post,
+        N_BUCKET,  # unread: the autotune key's row bucket (rto_kernels._autotune)
         ENTROPY: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         BM: tl.constexpr,
@@ -73,6 +75,7 @@ if HAS_TRITON:
         stride_dx,
         pre,
         post,
+        N_BUCKET,  # unread: the autotune key's row bucket (rto_kernels._autotune)
         ENTROPY: tl.constexpr,
         HAS_SOFTCAP: tl.constexpr,
         BM: tl.constexpr,
@@ -89,10 +92,32 @@ if HAS_TRITON:
         tl.store(dx_ptr + rows[:, None] * stride_dx + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=valid)
 
 
-def _blocks() -> dict:
-    if interpreting():
-        return dict(BM=4, BV=64, num_warps=1)
-    return dict(BM=4, BV=1024, num_warps=8)
+# Tiles under the interpreter: small, so that test shapes span several tiles.
+INTERPRETER_TILES = dict(BM=4, BV=64, num_warps=1, num_stages=1)
+
+if HAS_TRITON:
+    _c = _autotune.config
+    # Autotune lists (rto_kernels._autotune), by the logits' width; the first is the tuned tile, the one
+    # RTO_AUTOTUNE=0 uses. Tile [BM rows, BV columns]; both kernels stream the logits once, so the lists trade rows
+    # against columns at 2-8K elements a tile. Every configuration passes benchmarks/compile_check.py on sm_80 and
+    # sm_90 with no spill; [16, 512] spills 12 B in the fp32 forward on sm_90 (entropy and softcap on), so the fp32
+    # forward goes without it (docs/kernels.md lists what was left out).
+    _LOGITS = [
+        _c(8, 3, BM=4, BV=1024),
+        _c(8, 3, BM=8, BV=1024),
+        _c(8, 3, BM=2, BV=2048),
+        _c(4, 3, BM=2, BV=1024),
+        _c(8, 3, BM=16, BV=512),
+    ]
+    FWD_CONFIGS = {"16-bit": _LOGITS, "fp32": _LOGITS[:4]}
+    BWD_CONFIGS = {"16-bit": _LOGITS, "fp32": _LOGITS}
+    # Keys: the flags, the exact V, the row bucket N_BUCKET; Triton adds the tensors' dtypes.
+    _logits_fwd_tuned = _autotune.autotuner(
+        _logits_fwd_kernel, FWD_CONFIGS, ["N_BUCKET", "V", "ENTROPY", "HAS_SOFTCAP"], "x_ptr"
+    )
+    _logits_bwd_tuned = _autotune.autotuner(
+        _logits_bwd_kernel, BWD_CONFIGS, ["N_BUCKET", "V", "ENTROPY", "HAS_SOFTCAP"], "x_ptr"
+    )
 
 
 @torch.library.custom_op("rto::logprobs_from_logits", mutates_args=())
@@ -107,27 +132,22 @@ def logprobs_from_logits_op(
     """Returns (logp [N], entropy [N] or [0], stats [2, N]), all fp32, as for linear_logprobs."""
     logits = row_major(logits)
     N, V = logits.shape
-    cfg = _blocks()
     logp = torch.empty(N, dtype=torch.float32, device=logits.device)
     stats = torch.empty(2, N, dtype=torch.float32, device=logits.device)
     entropy = torch.empty(N if with_entropy else 0, dtype=torch.float32, device=logits.device)
     pre, post = head_factors(logit_scale, softcap, temperature)
     if N > 0:
-        _logits_fwd_kernel[(triton.cdiv(N, cfg["BM"]),)](
-            logits,
-            targets,
-            logp,
-            stats,
-            entropy if with_entropy else logp,
-            N,
-            V,
-            logits.stride(0),
-            pre,
-            post,
-            ENTROPY=with_entropy,
-            HAS_SOFTCAP=softcap is not None,
-            **cfg,
-        )
+
+        def grid(meta):
+            return (triton.cdiv(N, meta["BM"]),)
+
+        args = (logits, targets, logp, stats, entropy if with_entropy else logp, N, V, logits.stride(0), pre, post)
+        args += (_autotune.n_bucket(N),)
+        flags = dict(ENTROPY=with_entropy, HAS_SOFTCAP=softcap is not None)
+        if _autotune.enabled():
+            _logits_fwd_tuned[grid](*args, **flags)
+        else:
+            _logits_fwd_kernel[grid](*args, **flags, **_autotune.fixed(FWD_CONFIGS, logits.dtype, INTERPRETER_TILES))
     return logp, entropy, stats
 
 
@@ -153,31 +173,23 @@ def logprobs_from_logits_backward_op(
     """Returns grad_logits [N, V] in the logits' dtype, computed tile by tile (no fp32 copy of the logits)."""
     logits = row_major(logits)
     N, V = logits.shape
-    cfg = _blocks()
     grad = torch.empty_like(logits)
     with_entropy = grad_entropy is not None
     g_logp = grad_logp.float().contiguous()
     g_ent = grad_entropy.float().contiguous() if with_entropy else g_logp
     pre, post = head_factors(logit_scale, softcap, temperature)
     if N > 0:
-        _logits_bwd_kernel[(triton.cdiv(N, cfg["BM"]), triton.cdiv(V, cfg["BV"]))](
-            logits,
-            targets,
-            stats,
-            g_logp,
-            entropy if with_entropy else g_logp,
-            g_ent,
-            grad,
-            N,
-            V,
-            logits.stride(0),
-            grad.stride(0),
-            pre,
-            post,
-            ENTROPY=with_entropy,
-            HAS_SOFTCAP=softcap is not None,
-            **cfg,
-        )
+
+        def grid(meta):
+            return triton.cdiv(N, meta["BM"]), triton.cdiv(V, meta["BV"])
+
+        args = (logits, targets, stats, g_logp, entropy if with_entropy else g_logp, g_ent, grad, N, V)
+        args += (logits.stride(0), grad.stride(0), pre, post, _autotune.n_bucket(N))
+        flags = dict(ENTROPY=with_entropy, HAS_SOFTCAP=softcap is not None)
+        if _autotune.enabled():
+            _logits_bwd_tuned[grid](*args, **flags)
+        else:
+            _logits_bwd_kernel[grid](*args, **flags, **_autotune.fixed(BWD_CONFIGS, logits.dtype, INTERPRETER_TILES))
     return grad
 
 
