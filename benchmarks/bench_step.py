@@ -4,8 +4,8 @@ Run:  python benchmarks/bench_step.py --shape tiny             (CPU; --quick for
       python benchmarks/bench_step.py --shape 1b [--profile]    (GPU; also 0.5b, 8b: random weights, no download)
 
 Both variants run the same rollout (same prompts, same seed) through the trainer's own functions
-(`score_rollout`, `compute_advantages`, `ppo_update`) on a one-rank FSDP2 group; they differ where peer
-trainers differ:
+(`score_rollout`, `compute_advantages`, `ppo_update`) on one rank, where `rto.parallel.shard` leaves the models
+whole (no FSDP2); they differ where peer trainers differ:
 - generation: ours the built-in decode loop (head on the last position only, one-draw-per-row sampling);
   peer: Hugging Face `generate` keeping every step's logits (`output_logits`), log_softmax + gather after;
 - log-probs: ours through `rto_kernels.linear_logprobs` on response positions only; peer: the full [B, T, V]
@@ -14,6 +14,8 @@ trainers differ:
   no difference there); peer: vectorised rewards then the Python loop over time;
 - weight sync into an inference copy: ours bucketed (`rollout.weight_sync`, 512 MiB buckets); peer: one load
   call per parameter.
+`--fsdp-baseline` adds both variants on the one-rank FSDP2 path every run took before
+(`parallel.single_rank_fsdp=true`: `ours-fsdp`, `peer-fsdp`), so that one run measures what skipping FSDP2 saves.
 Each variant runs in a fresh subprocess. Reported per phase: wall time (median of the measured steps), peak
 memory above the phase's start (CUDA: max_memory_allocated; CPU: the kernel's peak RSS, reset before each phase
 through /proc/self/clear_refs, in a second run where glibc maps every allocation over 64 KiB on its own so that
@@ -80,6 +82,7 @@ SHAPES = {  # Llama-shaped configs: hidden, layers, heads, kv heads, intermediat
     ),
 }
 PHASES = ("generate", "score", "advantages", "guard", "update", "sync")
+VARIANTS = ("ours", "peer", "ours-fsdp", "peer-fsdp")  # -fsdp: FSDP2 on one rank (parallel.single_rank_fsdp=true)
 
 
 # ---- memory ----
@@ -223,6 +226,7 @@ def run_variant(
     from rto.trainers import ppo
 
     d = init_distributed()
+    label, variant, fsdp = variant, variant.removesuffix("-fsdp"), variant.endswith("-fsdp")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     shape_config = dict(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0)
@@ -242,6 +246,7 @@ def run_variant(
         "rollout.kv_cache": "dynamic" if decode == "dynamic" else "static",
         "rollout.compile_decode": decode == "compiled",
         "train.packing": packing,
+        "parallel.single_rank_fsdp": fsdp,
     }
     cfg: PPOConfig = load_config("ppo", None, [f"{k}={v}" for k, v in settings.items()])
     policy_cls = peer_policy_class() if variant == "peer" else PolicyModel
@@ -326,7 +331,7 @@ def run_variant(
             tokens["trained"] += int(result.batch.attention_mask.sum())
     if prof is not None:
         prof.__exit__(None, None, None)
-        prof.export_chrome_trace(str(out / f"trace_{variant}_{shape}.json"))
+        prof.export_chrome_trace(str(out / f"trace_{label}_{shape}.json"))
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
     # matmul parameters: the input embedding is a lookup, not a matmul, so it does not count toward FLOPs
     params = sum(p.numel() for n, p in actor_lm.named_parameters() if "embed_tokens" not in n)
@@ -348,7 +353,8 @@ def run_variant(
 
 
 def _sync_full(sync, actor, actor_lm, engine_copy):
-    """Sync with the actor's FSDP2 units gathered (as for generation), so both variants copy whole tensors."""
+    """Sync with the actor's FSDP2 units gathered (as for generation; nothing to gather on one rank without FSDP2),
+    so every variant copies whole tensors."""
     from rto.rollout.hf import gathered
 
     with gathered(actor):
@@ -416,16 +422,29 @@ def main(argv=None) -> int:
     parser.add_argument("--algo", default="rto", help="algo setting (ppo: no DPO model)")
     parser.add_argument("--ragged", action="store_true", help="prompt lengths vary (uniform, same mean length)")
     parser.add_argument("--packing", action="store_true", help="our scoring and update run padding-free")
+    parser.add_argument(
+        "--fsdp-baseline",
+        action="store_true",
+        help="also run both variants with FSDP2 on one rank (parallel.single_rank_fsdp=true), as before it was skipped",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every variant this many times, interleaved (a loaded machine: its load drifts); times are the "
+        "medians over rounds, each round's kept in the JSON",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--variant", choices=("ours", "peer"), help=argparse.SUPPRESS)  # internal: one variant
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one variant
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.batch, args.prompt_len, args.new_tokens = 1, 8, 16, 16
     if args.decode == "auto":
         args.decode = "compiled" if torch.cuda.is_available() else "dynamic"
     if args.variant:
-        decode = "dynamic" if args.variant == "peer" else args.decode  # the peer engine is HF generate
-        packing = args.packing and args.variant == "ours"  # peer-style batches stay padded
+        peer = args.variant.startswith("peer")
+        decode = "dynamic" if peer else args.decode  # the peer engine is HF generate
+        packing = args.packing and not peer  # peer-style batches stay padded
         result = run_variant(
             args.variant,
             args.shape,
@@ -443,37 +462,20 @@ def main(argv=None) -> int:
         print("RESULT " + json.dumps(result))
         return 0
 
+    variants = VARIANTS if args.fsdp_baseline else VARIANTS[:2]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    timed: dict[str, list[dict]] = {v: [] for v in variants}
+    for _ in range(args.rounds):  # interleaved: a change in the machine's load falls on every variant alike
+        for variant in variants:
+            timed[variant].append(_child(_variant_cmd(variant, args), env))
     runs = {}
-    for variant in ("ours", "peer"):
-        cmd = [
-            sys.executable,
-            __file__,
-            "--variant",
-            variant,
-            "--shape",
-            args.shape,
-            "--steps",
-            str(args.steps),
-            "--batch",
-            str(args.batch),
-            "--prompt-len",
-            str(args.prompt_len),
-            "--new-tokens",
-            str(args.new_tokens),
-            "--out",
-            str(args.out),
-            "--decode",
-            args.decode,
-            *(["--profile"] if args.profile else []),
-            *(["--ragged"] if args.ragged else []),
-            *(["--packing"] if args.packing else []),
-        ]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        result = _child(cmd, env)
+    for variant in variants:
+        result = _median_round(timed[variant])
         if not torch.cuda.is_available():
             # CPU peak memory comes from a second run in which every allocation of 64 KiB or more gets its own
             # mapping and goes back to the OS when freed, so a phase's peak RSS follows its live tensors (glibc
             # would otherwise reuse freed memory unseen). Its syscalls distort time, so times come from the first.
+            cmd = _variant_cmd(variant, args)
             result["peak_mib"] = _child(cmd, {**env, "MALLOC_MMAP_THRESHOLD_": "65536"})["peak_mib"]
         runs[variant] = result
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -498,6 +500,45 @@ def main(argv=None) -> int:
     return 0
 
 
+def _variant_cmd(variant: str, args) -> list[str]:
+    """The command line of one variant's subprocess."""
+    return [
+        sys.executable,
+        __file__,
+        "--variant",
+        variant,
+        "--shape",
+        args.shape,
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--new-tokens",
+        str(args.new_tokens),
+        "--out",
+        str(args.out),
+        "--decode",
+        args.decode,
+        "--algo",
+        args.algo,
+        *(["--profile"] if args.profile else []),
+        *(["--ragged"] if args.ragged else []),
+        *(["--packing"] if args.packing else []),
+    ]
+
+
+def _median_round(results: list[dict]) -> dict:
+    """One variant's result over its rounds: each phase's time the median of the rounds' (medians over steps);
+    the rounds' own times kept under "rounds" when there are several."""
+    out = dict(results[0])
+    out["times"] = {p: statistics.median(r["times"][p] for r in results) for p in results[0]["times"]}
+    if len(results) > 1:
+        out["rounds"] = [r["times"] for r in results]
+    return out
+
+
 def _child(cmd: list[str], env: dict) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
@@ -519,11 +560,47 @@ def _without_out(argv: list[str]) -> list[str]:
     return kept
 
 
+def fsdp_table(runs: dict) -> list[str]:
+    """One rank without FSDP2 (ours, peer) against one rank with it (ours-fsdp, peer-fsdp): times and ratios."""
+    names = ("ours", "ours-fsdp", "peer", "peer-fsdp")
+    pairs = (("ours", "peer"), ("ours-fsdp", "peer-fsdp"), ("ours", "peer-fsdp"), ("ours", "ours-fsdp"))
+    lines = [
+        "",
+        "One rank without FSDP2 (ours, peer: the default) and with it (ours-fsdp, peer-fsdp: "
+        "`parallel.single_rank_fsdp=true`, the path every one-rank run took before):",
+        "",
+        "| phase | " + " | ".join(f"{n} s" for n in names) + " | " + " | ".join(f"{a}/{b}" for a, b in pairs) + " |",
+        "|---" * (1 + len(names) + len(pairs)) + "|",
+    ]
+    rows = [(p, {n: runs[n]["times"][p] for n in names}) for p in PHASES]
+    rows.append(("whole step", {n: runs[n]["step_s"] for n in names}))
+    for phase, t in rows:
+        ratios = " | ".join(f"{t[a] / t[b]:.2f}" for a, b in pairs)
+        lines.append(f"| {phase} | " + " | ".join(f"{t[n]:.4f}" for n in names) + f" | {ratios} |")
+    peaks = " | ".join(f"{runs[n]['peak_mib']['update']:.0f}" for n in names)
+    lines += ["", f"Update-phase peak MiB ({', '.join(names)}): {peaks}"]
+    return lines
+
+
+def round_lines(runs: dict) -> list[str]:
+    """The update phase's time ratios round by round (how much of a difference is the machine's noise)."""
+    pairs = [("ours", "peer")]
+    if "ours-fsdp" in runs:
+        pairs += [("ours-fsdp", "peer-fsdp"), ("ours", "peer-fsdp"), ("ours", "ours-fsdp")]
+    n = len(runs["ours"]["rounds"])
+    lines = ["", "| update-phase time ratio | " + " | ".join(f"round {i + 1}" for i in range(n)) + " |"]
+    lines.append("|---" * (1 + n) + "|")
+    for a, b in pairs:
+        ratios = [ra["update"] / rb["update"] for ra, rb in zip(runs[a]["rounds"], runs[b]["rounds"])]
+        lines.append(f"| {a}/{b} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+    return lines
+
+
 def write(runs: dict, args, device_name: str, rate: float, bandwidth: float) -> None:
     ours, peer = runs["ours"], runs["peer"]
     date = dt.date.today().isoformat()
     slug = "".join(c if c.isalnum() else "-" for c in device_name.lower()).strip("-")
-    tags = "".join(f"_{t}" for t in ("ragged", "packing", "quick") if getattr(args, t))
+    tags = "".join(f"_{t}" for t in ("ragged", "packing", "quick", "fsdp_baseline") if getattr(args, t))
     stem = args.out / f"step_{args.shape}_{slug}_{date}{tags}"
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python benchmarks/bench_step.py " + " ".join(_without_out(sys.argv[1:]))
@@ -536,7 +613,8 @@ def write(runs: dict, args, device_name: str, rate: float, bandwidth: float) -> 
         f"{args.new_tokens} new tokens, {args.steps} measured "
         f"steps after one warm-up; measured matmul rate {rate:.2f} TFLOP/s, copy bandwidth {bandwidth:.0f} GB/s. "
         f"Our engine's decode: {ours['decode']}; our scoring and update: "
-        f"{'padding-free' if args.packing else 'padded'}. Times are medians over steps; peak memory is above "
+        f"{'padding-free' if args.packing else 'padded'}. Times are medians over steps"
+        f"{f' and then over {args.rounds} interleaved rounds' if args.rounds > 1 else ''}; peak memory is above "
         "each phase's start.",
         "",
         "| phase | ours s | peer-style s | time ratio (ours/peer) | ours peak MiB | peer peak MiB | memory ratio |",
@@ -560,6 +638,10 @@ def write(runs: dict, args, device_name: str, rate: float, bandwidth: float) -> 
     ):
         fmt = "{:.1%}" if key in ("update_mfu", "decode_vs_bound") else "{:,.0f}"
         lines.append(f"| {label} | {fmt.format(ours[key])} | {fmt.format(peer[key])} |")
+    if "ours-fsdp" in runs:
+        lines += fsdp_table(runs)
+    if "rounds" in ours:
+        lines += round_lines(runs)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     meta = {
         "args": vars(args) | {"out": str(args.out)},

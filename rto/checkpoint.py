@@ -7,8 +7,9 @@
 A save refuses a non-finite state, writes `step_N.tmp/` and renames it once every rank is done (a crash leaves the
 previous checkpoint the latest complete one). Loading runs no code from the folder: `.metadata` (a pickle) goes
 through an unpickler that builds only DCP's metadata types, tensors and DCP's byte entries through
-`torch.load(weights_only=True)`, the rest is JSON. Any rank count resumes: DCP reshards, rank r takes saved rank
-r's RNG or one seeded from (train.seed, r, step). "Newest" is most recently saved, not highest step.
+`torch.load(weights_only=True)`, the rest is JSON. Any rank count resumes: DCP reshards (a one-rank run's plain
+tensors as well as FSDP2's DTensors), rank r takes saved rank r's RNG or one seeded from (train.seed, r, step).
+"Newest" is most recently saved, not highest step.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class CheckpointError(ValueError):
     saved (it names the tensor)."""
 
 
-Trainable = dict[str, tuple[nn.Module, torch.optim.Optimizer]]  # name -> (FSDP2 model, its optimizer)
+Trainable = dict[str, tuple[nn.Module, torch.optim.Optimizer]]  # name -> (model: FSDP2 or one-rank plain, optimizer)
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:

@@ -1,13 +1,14 @@
 """The built-in rollout engine: the FSDP2 actor itself decodes, with a KV cache and its own sampling loop.
 
-For the generation phase every FSDP2 unit of the actor is gathered once and kept whole (no per-token
-all-gathers), then resharded for training. Each step runs the decoder on the new token, the LM head on the last
-position only ([B, V] logits: nothing of size [B, L, V] is kept), and samples with `rollout.sampling.sample`
-(temperature, top-k, top-p; one random number per row); the engine's log-prob of each sampled token is taken
-from the full softmax at the rollout temperature. The head applies the model family's transforms (bias, logit
-scale, softcap: `rto.families.head_logits`), as the fused head does. Sampling stops at any stop token
-(`stop_ids`: the tokenizer's EOS and the model's generation-config EOS ids by default) or at max new tokens.
-Weight sync is free: the engine is the actor.
+For the generation phase every FSDP2 unit of the actor is gathered once and kept whole (no per-token all-gathers),
+then resharded for training; a one-rank actor (unsharded: `rto.parallel.OneRankModule`) under mixed precision holds
+bf16 copies of its parameters for the phase instead, as gathered bf16 units would. Each step runs the decoder on the
+new token, the LM head on the last position only ([B, V] logits: nothing of size [B, L, V] is kept), and samples
+with `rollout.sampling.sample` (temperature, top-k, top-p; one random number per row); the engine's log-prob of each
+sampled token is taken from the full softmax at the rollout temperature. The head applies the model family's
+transforms (bias, logit scale, softcap: `rto.families.head_logits`), as the fused head does. Sampling stops at any
+stop token (`stop_ids`: the tokenizer's EOS and the model's generation-config EOS ids by default) or at max new
+tokens. Weight sync is free: the engine is the actor.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import DynamicCache, StaticCache
 
 from rto.config import RolloutConfig
 from rto.families import head_form, head_logits, head_spec
+from rto.parallel import compute_parameters
 from rto.rollout.engine import RolloutBatch, assemble
 from rto.rollout.sampling import sample
 from rto.tensors import pad_rows
@@ -30,8 +32,13 @@ _STOP_EVERY = 8  # decode steps between checks that every row has ended (each ch
 
 @contextmanager
 def gathered(root: nn.Module):
-    """All FSDP2 units of `root` unsharded for the duration (the root must have run one forward already)."""
+    """All FSDP2 units of `root` unsharded for the duration (the root must have run one forward already); for a
+    one-rank root, its parameters in the compute dtype (`rto.parallel.compute_parameters`)."""
     units = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        with compute_parameters(root):
+            yield
+        return
     for m in units:
         m.unshard()
     for m in units:
@@ -54,15 +61,16 @@ class HFEngine:
         device: torch.device,
         stop_ids: list[int] | None = None,
     ):
-        """actor: the FSDP2 root (a PolicyModel); lm: the HF causal LM inside it; stop_ids: the tokens that end
-        a response, primary EOS first (`rto.families.stop_token_ids`; default: the tokenizer's EOS alone)."""
+        """actor: the FSDP2 root (a PolicyModel; unsharded on one rank); lm: the HF causal LM inside it; stop_ids:
+        the tokens that end a response, primary EOS first (`rto.families.stop_token_ids`; default: the tokenizer's
+        EOS alone)."""
         self.actor, self.lm, self.cfg, self.device = actor, lm, cfg, device
         self.stop_ids = [tokenizer.eos_token_id] if stop_ids is None else [int(t) for t in stop_ids]
         if not self.stop_ids or self.stop_ids[0] is None:
             raise ValueError("HFEngine: no stop token (the tokenizer has no EOS and no stop_ids were given)")
         self.eos_id, self.pad_id = self.stop_ids[0], tokenizer.pad_token_id
         self.head_form = head_form(lm)
-        self._initialised = False
+        self._initialised = not isinstance(actor, FSDPModule)  # an unsharded actor needs no first root forward
         self._compiled = None
 
     def sync_weights(self) -> None:

@@ -1,8 +1,9 @@
 """Streaming the actor's weights out of FSDP2 in fixed-size buckets.
 
-Each parameter is gathered whole (`full_tensor()`, a collective every rank joins), packed into a bucket of
-about `bucket_bytes`, and handed to `load` as a list of (HF name, tensor) when the bucket is full. Peak extra
-memory is one bucket plus one parameter, instead of a whole unsharded copy of the model.
+Each parameter is gathered whole (`full_tensor()`, a collective every rank joins; a one-rank run's plain
+tensors are whole already), packed into a bucket of about `bucket_bytes`, and handed to `load` as a list of
+(HF name, tensor) when the bucket is full. Peak extra memory is one bucket plus one parameter, instead of a whole
+unsharded copy of the model.
 """
 
 from __future__ import annotations
