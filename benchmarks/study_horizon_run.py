@@ -101,6 +101,7 @@ def main(spec: dict) -> None:
         f"train.steps={STEPS}",
         f"train.save_every={STEPS // CHECKPOINTS}",
         "train.log_every=1",
+        "parallel.single_rank_fsdp=true",  # the one-rank FSDP2 path every run of the study has trained on
         *world_limits(world, pipe)["ppo"],
     ]
     if "dpo" in v:
