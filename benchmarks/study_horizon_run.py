@@ -94,7 +94,7 @@ def main(spec: dict) -> None:
         f"run.output_dir={d.parent}",
         f"run.name={d.name}",
         "run.resume=auto",
-        f"run.keep_last={CHECKPOINTS}",
+        f"run.keep_last={STEPS}",  # all: a preemption's checkpoint must not push out a held-out evaluation point
         "run.progress=false",
         "run.tensorboard=false",
         f"train.seed={seed}",
