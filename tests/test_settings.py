@@ -262,3 +262,26 @@ def test_the_revision_reaches_the_generation_config_of_a_hub_model(monkeypatch):
     tok = tiny_tokenizer(["w1", "w2"])
     assert stop_token_ids(tok, "org/model", [], revision="v1.0") == [tok.eos_token_id, 7, 9]
     assert seen == [("org/model", "v1.0")]
+
+
+def test_the_vllm_engine_loads_the_actor_at_its_revision(monkeypatch):
+    """vLLM is GPU-only and optional: a stand-in `vllm` module records what the engine asks `LLM` for."""
+    from rto.config import RolloutConfig
+    from rto.models import tiny_causal_lm, tiny_tokenizer
+    from rto.rollout.vllm import VLLMEngine
+
+    asked = {}
+
+    class LLM:
+        def __init__(self, **kw):
+            asked.update(kw)
+
+        def sleep(self, level):
+            pass
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
+    tok = tiny_tokenizer(["w1", "w2"])
+    cfg = RolloutConfig(engine="vllm")
+    VLLMEngine(tiny_causal_lm(len(tok)), "org/model", tok, cfg, "cpu", 0, revision="v2", trust_remote_code=True)
+    assert (asked["model"], asked["revision"], asked["tokenizer_revision"]) == ("org/model", "v2", "v2")
+    assert asked["trust_remote_code"] is True

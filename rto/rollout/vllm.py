@@ -35,6 +35,8 @@ class VLLMEngine:
         device: torch.device,
         seed: int,
         stop_ids: list[int] | None = None,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
     ):
         """stop_ids: the tokens that end a response, primary EOS first (`rto.families.stop_token_ids`; default:
         the tokenizer's EOS alone); all of them go to vLLM as `stop_token_ids`."""
@@ -49,6 +51,9 @@ class VLLMEngine:
         kwargs = dict(
             model=model_path,
             tokenizer=model_path,
+            revision=revision,  # the actor's model.revision / trust_remote_code, as its weights were loaded
+            tokenizer_revision=revision,
+            trust_remote_code=trust_remote_code,
             tensor_parallel_size=world,
             seed=seed,
             distributed_executor_backend="external_launcher",

@@ -87,7 +87,8 @@ def build_engine(cfg: PPOConfig, models: Models, tokenizer, d: Dist):
         from rto.rollout.vllm import VLLMEngine
 
         lm, seed = models.actor_lm, cfg.train.seed
-        return VLLMEngine(lm, cfg.actor.path, tokenizer, cfg.rollout, d.device, seed, stop_ids=stops)
+        hub = dict(revision=cfg.actor.revision, trust_remote_code=cfg.actor.trust_remote_code)
+        return VLLMEngine(lm, cfg.actor.path, tokenizer, cfg.rollout, d.device, seed, stop_ids=stops, **hub)
     return HFEngine(models.actor, models.actor_lm, tokenizer, cfg.rollout, d.device, stop_ids=stops)
 
 
