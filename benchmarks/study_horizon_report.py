@@ -164,7 +164,7 @@ def interval(p: dict | None) -> str:
         return "-"
     lo, hi = p["bootstrap95"]
     tlo, thi = p["t95"]
-    side = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
+    side = "bootstrap excludes 0" if lo > 0 or hi < 0 else "bootstrap includes 0"
     return f"{p['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] ({side}; t: [{tlo:+.2f}, {thi:+.2f}]), n={len(p['seeds'])}"
 
 
@@ -180,8 +180,11 @@ def markdown(res: dict) -> str:
         f"{res['steps']} rollout steps x 32 samples and is evaluated on 128 held-out prompts (temperature 0.7) "
         "at 4 points. "
         f"Evaluation seeds {res['eval_seeds']}, tuning seeds {res['tune_seeds']} (the sweep picks each arm's "
-        "setting by held-out gold on the tuning seeds only). Differences are paired by world seed: mean, "
-        "bootstrap 95% interval, and t interval.",
+        "setting by held-out gold on the tuning seeds only). "
+        f"The sweep (actor lr {res['lrs']}; DPO scale = clip {res['dpo_scales']} for the DPO arms) ran at "
+        f"L = {res['tune_lengths']} only; the other lengths take its choices. Differences are paired by world seed: "
+        "mean, bootstrap 95% interval, and t interval; a difference is called ahead or behind only when both "
+        "intervals exclude 0.",
     ]
     for L, r in res["lengths"].items():
         lines += ["", f"## L = {L}"]
@@ -240,31 +243,59 @@ def table(arms: dict) -> list[str]:
     return lines
 
 
-def verdict(res: dict) -> list[str]:
-    """The issue's criteria, each said as measured (or as not measured yet)."""
-    out = []
+def judge(p: dict, full: int) -> str:
+    """'ahead' / 'behind' only when the bootstrap and the t interval both exclude 0; fewer seeds than planned said."""
+    (lo, hi), (tlo, thi) = p["bootstrap95"], p["t95"]
+    word = "ahead" if lo > 0 and tlo > 0 else "behind" if hi < 0 and thi < 0 else "not distinguishable"
+    n = len(p["seeds"])
+    return word + (f" (preliminary: {n} of {full} seeds)" if n < full else "")
 
-    def gap(L: str, arm: str = "rto") -> dict | None:
+
+def verdict(res: dict) -> list[str]:
+    """The issue's criteria (for the paper: RTO ahead of the best-tuned PPO at the long horizon, a gap growing with
+    L and near 0 at the short one, RS-PPO close to RTO; against it: no gap although the DPO term tracks gold, DDPO
+    matching RTO, the gap vanishing against PPO with lambda = 1), each said as measured or as not measured yet."""
+    out, full = [], len(res["eval_seeds"])
+
+    def arms_at(L: str) -> tuple[dict, str]:
         r = res["lengths"][L]
-        return (r["tuned"] or r["recipe"]).get(arm, {}).get("vs_ppo_final_gold")
+        done = {a: v for a, v in r["tuned"].items() if len(v["seeds"]) >= 2}
+        if "rto" in done and "ppo" in done:
+            return r["tuned"], "each arm at its best setting"
+        return r["recipe"], "at the recipe's settings"
+
+    def diff(arms: dict, a: str, b: str) -> dict | None:
+        if a not in arms or b not in arms:
+            return None
+        return paired(*({s: v["final_gold"] for s, v in arms[x]["seeds"].items()} for x in (a, b)))
 
     for L in res["lengths"]:
-        p = gap(L)
+        arms, which = arms_at(L)
+        p = diff(arms, "rto", "ppo")
         if p is None:
             out.append(f"- L = {L}: RTO vs PPO not measured yet (needs 2+ paired seeds).")
             continue
-        lo, hi = p["bootstrap95"]
-        word = "ahead of" if lo > 0 else "behind" if hi < 0 else "not distinguishable from"
-        which = "each at its best setting" if res["lengths"][L]["tuned"] else "at the recipe's settings"
-        out.append(f"- L = {L}, {which}: RTO is {word} PPO on final held-out gold ({interval(p)}).")
+        out.append(f"- L = {L}, {which}: RTO - PPO on final held-out gold {interval(p)}: {judge(p, full)}.")
         for arm, what in (
-            ("rs-ppo", "RS-PPO (shaping only)"),
-            ("ddpo", "DDPO (the same information, delayed)"),
+            ("rs-ppo", "RS-PPO (the DPO term as shaping only)"),
+            ("ddpo", "DDPO (the same DPO information, paid at the last token)"),
             ("ppo-lam1", "PPO with lambda = 1"),
+            ("rto-support", "RTO with the support-aware DPO term"),
         ):
-            q = gap(L, arm)
+            q = diff(arms, "rto", arm)
             if q is not None:
-                out.append(f"  - {what} vs PPO: {interval(q)}; RTO minus it: {p['mean'] - q['mean']:+.2f}.")
+                out.append(f"  - RTO - {what}: {interval(q)}: RTO {judge(q, full)}.")
+        corr = [v["gold_corr_dpo_term"] for v in arms["rto"]["seeds"].values() if v.get("gold_corr_dpo_term") is not None]
+        if corr:
+            out.append(f"  - RTO's DPO token term vs the gold per-token share: correlation {statistics.fmean(corr):.3f}.")
+    gaps = {L: diff(arms_at(L)[0], "rto", "ppo") for L in res["lengths"]}
+    gaps = {L: g for L, g in gaps.items() if g is not None}
+    if len(gaps) > 1:
+        out.append(
+            "- The gap by horizon (different worlds per L, so not paired across L): "
+            + "; ".join(f"L = {L}: {g['mean']:+.2f}" for L, g in sorted(gaps.items(), key=lambda x: int(x[0])))
+            + "."
+        )
     return out or ["- nothing has finished yet."]
 
 
