@@ -285,9 +285,11 @@ def verdict(res: dict) -> list[str]:
             q = diff(arms, "rto", arm)
             if q is not None:
                 out.append(f"  - RTO - {what}: {interval(q)}: RTO {judge(q, full)}.")
-        corr = [v["gold_corr_dpo_term"] for v in arms["rto"]["seeds"].values() if v.get("gold_corr_dpo_term") is not None]
+        corr = [v.get("gold_corr_dpo_term") for v in arms["rto"]["seeds"].values()]
+        corr = [c for c in corr if c is not None]
         if corr:
-            out.append(f"  - RTO's DPO token term vs the gold per-token share: correlation {statistics.fmean(corr):.3f}.")
+            c = statistics.fmean(corr)
+            out.append(f"  - RTO's DPO token term vs the gold per-token share: correlation {c:.3f}.")
     gaps = {L: diff(arms_at(L)[0], "rto", "ppo") for L in res["lengths"]}
     gaps = {L: g for L, g in gaps.items() if g is not None}
     if len(gaps) > 1:
