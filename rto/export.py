@@ -91,13 +91,13 @@ def read_run(checkpoint: Path):
 
 def plan(command: str, cfg) -> list[tuple[str, str, str, str]]:
     """(trainable name, builder, the setting of its path, path) of every model the checkpoint holds; the critic
-    starts as `critic`, else the reward model (as in rto.trainers.ppo.build_models)."""
+    starts as cfg.critic_source() says (as in rto.trainers.ppo.build_models)."""
     if command in OFFLINE:
         builder, what = OFFLINE[command]
         return [("model", builder, what, cfg.model.path)]
     models = [("actor", "policy", "actor.path", cfg.actor.path)]
-    if cfg.estimator == "gae":
-        models.append(("critic", "scalar", "critic" if cfg.critic else "reward", cfg.critic or cfg.reward))
+    if (source := cfg.critic_source()) is not None:
+        models.append(("critic", "scalar", *source))
     return models
 
 

@@ -69,4 +69,10 @@ def on_support(logp_dpo: torch.Tensor, logp_ref: torch.Tensor, support: float) -
     """The DPO log-probs with the log-ratio taken as 0 (logp_dpo := logp_ref) wherever the reference gives the
     token a probability below `support`: no DPO credit for tokens the reference would hardly produce, which is
     where a DPO model trained on few responses puts its largest, least informed log-ratios."""
-    return torch.where(logp_ref < math.log(support), logp_ref, logp_dpo)
+    return torch.where(off_support(logp_ref, support), logp_ref, logp_dpo)
+
+
+def off_support(logp_ref: torch.Tensor, support: float) -> torch.Tensor:
+    """Where the reference gives the token a probability below `support` (the tokens on_support gives no DPO
+    credit)."""
+    return logp_ref < math.log(support)

@@ -6,14 +6,12 @@ global sums into the metrics that are logged (names with units: `_s` seconds, `_
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 import rto_kernels
 from rto.config import PPOConfig
 from rto.rollout.engine import RolloutBatch
-from rto.scoring import Scored
+from rto.scoring import Scored, off_support
 from rto.tensors import is_last_valid
 
 
@@ -48,7 +46,7 @@ def rollout_stats(
         )
         stats["err_sum"], stats["err_sq"] = err.sum(), (err**2).sum()
     if s.logp_dpo is not None and cfg.rewards.dpo_support is not None:  # tokens given no DPO credit
-        stats["dpo_unsupported"] = (mask & (s.logp_ref < math.log(cfg.rewards.dpo_support))).sum().float()
+        stats["dpo_unsupported"] = (mask & off_support(s.logp_ref, cfg.rewards.dpo_support)).sum().float()
     return stats
 
 

@@ -124,6 +124,13 @@ class PPOConfig(Section):
     parallel: ParallelConfig = doc(factory=ParallelConfig, text="FSDP2 options")
     run: RunConfig = doc(factory=RunConfig, text="outputs, logging, resume")
 
+    def critic_source(self) -> tuple[str, str] | None:
+        """(the setting, the path) the critic starts from: `critic`, else the reward model; None without a critic
+        (reinforce++)."""
+        if self.estimator != "gae":
+            return None
+        return ("critic", self.critic) if self.critic else ("reward", self.reward)
+
     def check(self, at: str) -> None:
         k = Keys(self, at)
         k.choice("algo", SHAPINGS)  # the kernels' reward shapings are the algorithms

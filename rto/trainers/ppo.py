@@ -74,8 +74,8 @@ def build_models(cfg: PPOConfig, d: Dist, tokenizer=None) -> Models:
     dpo = build.policy(cfg.dpo, m, "dpo", **common, frozen=True)[0] if cfg.algo != "ppo" else None
     reward, rm_hf = build.scalar(cfg.reward, m, "reward", **common, frozen=True)
     critic = critic_hf = None
-    if cfg.estimator == "gae":
-        critic, critic_hf = build.scalar(cfg.critic or cfg.reward, m, "critic" if cfg.critic else "reward", **common)
+    if (source := cfg.critic_source()) is not None:
+        critic, critic_hf = build.scalar(source[1], m, source[0], **common)
     return Models(actor, lm, ref, dpo, critic, critic_hf, reward, reward_normalisation(rm_hf))
 
 
