@@ -44,6 +44,7 @@ from rto.models import (
     ScalarModel,
     check_model_folder,
     check_same_tokenizers,
+    hub_kwargs,
     load_scalar_model,
     load_tokenizer,
     reading_model,
@@ -97,15 +98,19 @@ def generate(
     seed: int = 0,
     device="cpu",
     stop_ids: list[int] | None = None,
+    settings: ModelConfig | None = None,
+    what: str = "model",
 ) -> list[Sample]:
     """One response per prompt (greedy at temperature 0), cut after its first stop token: `stop_ids`, by default
-    the model's own (tokenizer EOS and generation_config eos_token_id, rto.families.stop_token_ids)."""
+    the model's own (tokenizer EOS and generation_config eos_token_id, rto.families.stop_token_ids). `settings`:
+    the revision and remote-code settings the model loads under (`hub_kwargs`); `what`: its setting's name."""
     sampling = sampling_settings(temperature, top_p)
-    check_model_folder(model_path, "model")
-    with reading_model(model_path, "model"):
-        lm = AutoModelForCausalLM.from_pretrained(model_path).to(device).eval()
+    check_model_folder(model_path, what)
+    hub = hub_kwargs(settings, model_path, what)
+    with reading_model(model_path, what):
+        lm = AutoModelForCausalLM.from_pretrained(model_path, **hub).to(device).eval()
     check_context(lm, prompts, max_new_tokens, model_path)
-    stops = stop_token_ids(tok, model_path, []) if stop_ids is None else list(stop_ids)
+    stops = stop_token_ids(tok, model_path, [], hub["revision"]) if stop_ids is None else list(stop_ids)
     torch.manual_seed(seed)
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -126,10 +131,12 @@ def generate(
 
 
 @torch.no_grad()
-def reward_scores(rm_path: str, samples: list[Sample], tok, batch_size: int = 64, device="cpu") -> list[float]:
+def reward_scores(
+    rm_path: str, samples: list[Sample], tok, batch_size: int = 64, device="cpu", trust_remote_code: bool = False
+) -> list[float]:
     """The reward model's score of each prompt + response (its value at the last token), normalised as its
     checkpoint states (OpenRLHF's mean/std), as PPO's rollouts score it."""
-    hf = load_scalar_model(rm_path, ModelConfig(path=rm_path), "reward")
+    hf = load_scalar_model(rm_path, ModelConfig(path=rm_path, trust_remote_code=trust_remote_code), "reward")
     rm, norm = ScalarModel(hf).to(device).eval(), reward_normalisation(hf)
     mean, std = norm if norm is not None else (0.0, 1.0)
     scores = []
@@ -247,9 +254,22 @@ def answer_ids(sample: Sample, stop_ids: list[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in stop_ids else ids
 
 
+def model_settings(cfg) -> ModelConfig:
+    """The model settings of eval's (or inspect's) `model`: its revision, chat template, pad token and remote-code
+    setting; the other models it loads take the remote-code setting and their default branch (`hub_kwargs`)."""
+    return ModelConfig(
+        path=cfg.model,
+        chat_template=cfg.chat_template,
+        pad_token=cfg.pad_token,
+        revision=cfg.revision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     """Generate, score and compare; writes results.json, responses.jsonl and the exports under the run folder."""
-    tok = load_tokenizer(ModelConfig(path=cfg.model, pad_token=cfg.pad_token))
+    settings = model_settings(cfg)
+    tok = load_tokenizer(settings, "")
     rows = load_data_rows(cfg.data)
     name = f"{cfg.data.path}[{cfg.data.split}]"
     prompts, report = tokenize_prompts(rows, tok, cfg.data, name)
@@ -258,20 +278,23 @@ def evaluate(cfg: EvalConfig) -> dict:
         raise ConfigError(f"eval answers every question, but {report.summary()}: {fix}")
     questions = questions_of(rows, prompts, tok, cfg.data, name)
     kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    stops = stop_token_ids(tok, cfg.model, cfg.stop_tokens)
-    samples = generate(cfg.model, prompts, tok, stop_ids=stops, **kw)
+    stops = stop_token_ids(tok, cfg.model, cfg.stop_tokens, cfg.revision)
+    samples = generate(cfg.model, prompts, tok, stop_ids=stops, settings=settings, **kw)
     lengths = statistics.fmean(len(s.response_ids) for s in samples)
     result: dict = {"model": cfg.model, "n": len(samples), "temperature": cfg.temperature, "mean_length": lengths}
-    check_same_tokenizers(tok, {"reference": cfg.reference, "reward": cfg.reward}, "the model's")  # they score its ids
+    scorers = {"reference": cfg.reference, "reward": cfg.reward}
+    check_same_tokenizers(tok, scorers, "the model's", settings)  # they score its ids
     ref_samples = None
     if cfg.reference:
         ref_stops = stop_token_ids(tok, cfg.reference, cfg.stop_tokens)
-        ref_samples = generate(cfg.reference, prompts, tok, stop_ids=ref_stops, **kw)
+        ref_kw = dict(stop_ids=ref_stops, settings=settings, what="reference")
+        ref_samples = generate(cfg.reference, prompts, tok, **ref_kw, **kw)
     metrics = {}
     if cfg.reward:
-        metrics["rm_score"] = reward_scores(cfg.reward, samples, tok)
+        remote = dict(trust_remote_code=cfg.trust_remote_code)
+        metrics["rm_score"] = reward_scores(cfg.reward, samples, tok, **remote)
         if ref_samples:
-            metrics["ref_rm_score"] = reward_scores(cfg.reward, ref_samples, tok)
+            metrics["ref_rm_score"] = reward_scores(cfg.reward, ref_samples, tok, **remote)
     if cfg.gold:
         from rto.toy import response_gold
 

@@ -18,14 +18,18 @@ import torch
 import rto_kernels
 from rto.config import InspectConfig, ModelConfig
 from rto.data import load_rows, tokenize_prompts
-from rto.evaluate import generate
+from rto.evaluate import generate, model_settings
 from rto.models import PolicyModel, check_same_tokenizers, load_causal_lm, load_tokenizer
 
 
 @torch.no_grad()
-def response_logps(path: str, what: str, samples, temperature: float = 1.0) -> list[list[float]]:
-    """Log-probs of each sample's response tokens under the model at `path`."""
-    model = PolicyModel(load_causal_lm(path, ModelConfig(path=path), what)).eval()
+def response_logps(
+    path: str, what: str, samples, temperature: float = 1.0, settings: ModelConfig | None = None
+) -> list[list[float]]:
+    """Log-probs of each sample's response tokens under the model at `path` (loaded under `settings`: revision
+    and remote code, `hub_kwargs`)."""
+    settings = settings if settings is not None else ModelConfig(path=path)
+    model = PolicyModel(load_causal_lm(path, settings, what)).eval()
     out = []
     for s in samples:
         ids = torch.tensor([s.prompt_ids + s.response_ids])
@@ -42,15 +46,15 @@ def _colour(z: float, scale: float) -> str:
 
 
 def inspect_tokens(cfg: InspectConfig) -> str:
-    tok = load_tokenizer(ModelConfig(path=cfg.model))
-    check_same_tokenizers(tok, {"ref": cfg.ref, "dpo": cfg.dpo}, "the model's")  # they score the model's token ids
+    settings = model_settings(cfg)
+    tok = load_tokenizer(settings, "")
+    check_same_tokenizers(tok, {"ref": cfg.ref, "dpo": cfg.dpo}, "the model's", settings)  # they score its token ids
     rows = load_rows(cfg.data.path, cfg.data.split, subset=cfg.data.subset)
     prompts, _ = tokenize_prompts(rows.select(range(min(cfg.n, len(rows)))), tok, cfg.data, cfg.data.path)
     sampling = dict(temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    samples = generate(cfg.model, prompts, tok, **sampling)
-    pol, ref, dpo = (
-        response_logps(path, what, samples) for path, what in ((cfg.model, "model"), (cfg.ref, "ref"), (cfg.dpo, "dpo"))
-    )
+    samples = generate(cfg.model, prompts, tok, settings=settings, **sampling)
+    models = ((cfg.model, "model"), (cfg.ref, "ref"), (cfg.dpo, "dpo"))
+    pol, ref, dpo = (response_logps(path, what, samples, settings=settings) for path, what in models)
     records = []
     for s, lp, lr, ld in zip(samples, pol, ref, dpo):
         z = rto_kernels.dpo_token_reward(torch.tensor(ld), torch.tensor(lr), scale=cfg.dpo_scale, clip=cfg.dpo_clip)

@@ -30,7 +30,7 @@ def hub_kwargs(cfg: ModelConfig | None, path: str, what: str = "model.path") -> 
         return {"revision": None, "trust_remote_code": False}
     revision = cfg.revision if path == cfg.path else None
     if revision is not None and Path(path).expanduser().exists():
-        setting = what.removesuffix("path") + "revision" if what.endswith(".path") else "the revision setting"
+        setting = what.removesuffix("path") + "revision" if what.endswith(".path") else "revision"
         raise ConfigError(
             f"{what}: {path} is a local folder, but {setting}={revision!r} names a branch, tag or commit of a hub "
             "model (from_pretrained would ignore it): unset it, or give the hub id"

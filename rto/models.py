@@ -57,10 +57,11 @@ from rto.model_files import (  # noqa: F401  (re-exported: the checks callers ru
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def load_tokenizer(cfg: ModelConfig):
-    """The model's tokenizer, with a chat template and a pad token, or an error saying which is missing."""
+def load_tokenizer(cfg: ModelConfig, section: str = "model."):
+    """The model's tokenizer, with a chat template and a pad token, or an error saying which is missing;
+    `section`: the prefix of the settings in messages (actor. for ppo, none for eval and inspect)."""
     path = cfg.tokenizer or cfg.path
-    what = "model.tokenizer" if cfg.tokenizer else "model.path"
+    what = f"{section}tokenizer" if cfg.tokenizer else f"{section}path" if section else "model"
     if cfg.tokenizer:
         check_model_path(path, what)
     else:  # the model's own folder: a file, an empty folder or a run folder gets its own message, not a tokenizer's
@@ -71,14 +72,14 @@ def load_tokenizer(cfg: ModelConfig):
     if cfg.chat_template is not None:
         tok.chat_template = cfg.chat_template
     if not tok.chat_template:
-        hint = "set model.chat_template to a Jinja template (or use a chat/instruct tokenizer)"
+        hint = f"set {section}chat_template to a Jinja template (or use a chat/instruct tokenizer)"
         raise ConfigError(f"the tokenizer of {path} has no chat template: {hint}")
     if tok.pad_token is None:
         if cfg.pad_token is None:
-            hint = f"set model.pad_token (often its EOS token, {tok.eos_token!r})"
+            hint = f"set {section}pad_token (often its EOS token, {tok.eos_token!r})"
             raise ConfigError(f"the tokenizer of {path} has no pad token: {hint}")
         if tok.convert_tokens_to_ids(cfg.pad_token) in (None, tok.unk_token_id):
-            raise ConfigError(f"model.pad_token {cfg.pad_token!r} is not in the vocabulary of {path}")
+            raise ConfigError(f"{section}pad_token {cfg.pad_token!r} is not in the vocabulary of {path}")
         tok.pad_token = cfg.pad_token
     return tok
 

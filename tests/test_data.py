@@ -334,6 +334,13 @@ def test_tokenizer_without_template_or_pad_token_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="model.pad_token 'nope' is not in the vocabulary"):
         load_tokenizer(ModelConfig(path=str(tmp_path / "p"), pad_token="nope"))
     assert load_tokenizer(ModelConfig(path=str(tmp_path / "p"), pad_token="<|end|>")).pad_token == "<|end|>"
+    # the messages name the command's own settings: ppo's actor.*, eval's and inspect's top-level ones
+    with pytest.raises(ConfigError, match="has no pad token: set actor.pad_token"):
+        load_tokenizer(ModelConfig(path=str(tmp_path / "p")), "actor.")
+    with pytest.raises(ConfigError, match="has no chat template: set chat_template to"):
+        load_tokenizer(ModelConfig(path=str(tmp_path / "t")), "")
+    with pytest.raises(ConfigError, match="^model: .* holds no config.json: not a Hugging Face model folder"):
+        load_tokenizer(ModelConfig(path=str(tmp_path)), "")
 
 
 def test_collate_pads_right_with_masks_and_row_ids():

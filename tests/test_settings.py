@@ -18,7 +18,7 @@ from rto.config import ConfigError, DataConfig, ModelConfig, PromptDataConfig, l
 from rto.data import DataError, load_data_rows, load_rows
 from rto.metrics import MetricLogger, run_logger
 from rto.models import check_same_tokenizer, load_causal_lm, load_scalar_model, load_tokenizer
-from tests.assets import make_assets, write_jsonl
+from tests.assets import make_rl_assets, write_jsonl
 
 WANDB_MISSING = "run.wandb=true but wandb is not installed (pip install wandb)"
 PPO = ["actor.path=a", "reward=r", "dpo=p", "data.path=d"]
@@ -32,8 +32,13 @@ LOADERS = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return make_assets(tmp_path_factory.mktemp("tiny"), n=4)["model"]
+def assets(tmp_path_factory) -> dict:
+    return make_rl_assets(tmp_path_factory.mktemp("tiny"), n_prompts=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(assets) -> Path:
+    return assets["model"]
 
 
 @pytest.fixture
@@ -102,6 +107,74 @@ def test_a_revision_with_a_local_folder_is_refused(hub, tiny):
         load_causal_lm(str(tiny), cfg, "actor.path")
     with pytest.raises(ConfigError, match="is a local folder"):
         load_tokenizer(cfg)
+    assert hub == []  # refused before anything loads
+
+
+@pytest.fixture
+def generation_configs(monkeypatch) -> list:
+    """The project's GenerationConfig.from_pretrained calls recorded as (path, revision) (not transformers' own,
+    inside a model load), answering an empty config (no stop ids)."""
+    seen = []
+
+    def fake(path, *args, **kw):
+        if sys._getframe(1).f_globals["__name__"].startswith("rto."):
+            seen.append((str(path), kw.get("revision")))
+        return transformers.GenerationConfig()
+
+    monkeypatch.setattr(transformers.GenerationConfig, "from_pretrained", fake)
+    return seen
+
+
+def loads_by_path(hub) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for _, path, kw in hub:
+        out.setdefault(path, []).append(kw)
+    return out
+
+
+PINNED, OTHER = {"revision": "v1.0", "trust_remote_code": True}, {"revision": None, "trust_remote_code": True}
+
+
+def test_eval_loads_its_model_at_the_revision_and_every_model_with_remote_code(
+    hub, generation_configs, assets, tmp_path
+):
+    from rto.evaluate import evaluate
+
+    args = ["model=org/policy", "revision=v1.0", "trust_remote_code=true", "reference=org/ref", "reward=org/rm"]
+    args += [f"data.path={assets['prompts']}", "max_new_tokens=4", f"output_dir={tmp_path}"]
+    result = evaluate(load_config("eval", None, args))
+    assert result["n"] == 4 and "rm_score" in result and "ref_rm_score" in result
+    loads = loads_by_path(hub)
+    assert set(loads) == {"org/policy", "org/ref", "org/rm"}
+    assert {n for n, p, _ in hub if p == "org/policy"} == {"tokenizer", "causal"}
+    assert all(kw == PINNED for kw in loads["org/policy"]), loads["org/policy"]
+    assert all(kw == OTHER for kw in loads["org/ref"] + loads["org/rm"]), loads
+    assert ("org/policy", "v1.0") in generation_configs and ("org/ref", None) in generation_configs
+
+
+def test_inspect_loads_its_model_at_the_revision(hub, generation_configs, assets, tmp_path):
+    from rto.inspection import inspect_tokens
+
+    args = ["model=org/policy", "revision=v1.0", "trust_remote_code=true", "ref=org/ref", "dpo=org/dpo"]
+    args += [f"data.path={assets['prompts']}", "n=2", "max_new_tokens=4", f"output_dir={tmp_path}"]
+    inspect_tokens(load_config("inspect", None, args))
+    loads = loads_by_path(hub)
+    assert set(loads) == {"org/policy", "org/ref", "org/dpo"}
+    assert all(kw == PINNED for kw in loads["org/policy"]), loads["org/policy"]
+    assert all(kw == OTHER for kw in loads["org/ref"] + loads["org/dpo"]), loads
+    assert generation_configs == [("org/policy", "v1.0")]
+
+
+@pytest.mark.parametrize("command", ["eval", "inspect"])
+def test_eval_and_inspect_refuse_a_revision_with_a_local_folder(command, hub, assets, tmp_path):
+    from rto.evaluate import evaluate
+    from rto.inspection import inspect_tokens
+
+    others = ["reference=org/ref"] if command == "eval" else ["ref=org/ref", "dpo=org/dpo"]
+    args = [f"model={assets['model']}", "revision=v1.0", *others, f"data.path={assets['prompts']}"]
+    run = evaluate if command == "eval" else inspect_tokens
+    with pytest.raises(ConfigError, match=r"^model: .* is a local folder, but revision='v1.0' names a branch"):
+        run(load_config(command, None, [*args, f"output_dir={tmp_path}"]))
     assert hub == []  # refused before anything loads
 
 

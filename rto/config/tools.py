@@ -11,13 +11,19 @@ from rto.config.base import STOP_TOKENS_DOC, ConfigError, Keys, Section, doc
 from rto.config.offline import DPO_LOSSES, PromptDataConfig
 from rto_kernels import SHAPINGS
 
+REVISION_DOC = "hub branch, tag or commit of model (every load of it); the other models load their default branch"
+REMOTE_CODE_DOC = "run the Python code a hub model ships, for every model and tokenizer the command loads"
+
 
 @dataclass
 class EvalConfig(Section):
     model: str = doc(MISSING, "the model to evaluate (hub id or folder)")
+    revision: str | None = doc(None, REVISION_DOC)
+    trust_remote_code: bool = doc(False, REMOTE_CODE_DOC)
     reference: str | None = doc(None, "model to compare against (win rate), e.g. the SFT model")
     reward: str | None = doc(None, "reward model to score responses with")
     gold: bool = doc(False, "also score with the toy world's gold reward (toy prompts only)")
+    chat_template: str | None = doc(None, "Jinja chat template to use when the model's tokenizer has none")
     pad_token: str | None = doc(None, "token to pad with when the tokenizer has none")
     data: PromptDataConfig = doc(factory=PromptDataConfig, text="prompts (messages or prompt column)")
     temperature: float = doc(0.7, "0.7: AlpacaEval's setting; 0: greedy, Arena-Hard's")
@@ -32,7 +38,7 @@ class EvalConfig(Section):
     def check(self, at: str) -> None:
         k = Keys(self, at)
         k.text("model", "output_dir", "name")
-        k.text("reference", "reward", "pad_token", optional=True)
+        k.text("reference", "reward", "chat_template", "pad_token", "revision", optional=True)
         k.file_name("generator", optional=True)  # Arena-Hard names its answer file after it
         k.real("temperature", at_least=0)  # 0: greedy
         k.real("top_p", above=0, at_most=1)
@@ -44,8 +50,12 @@ class EvalConfig(Section):
 @dataclass
 class InspectConfig(Section):
     model: str = doc(MISSING, "policy whose responses are shown (hub id or folder)")
+    revision: str | None = doc(None, REVISION_DOC)
+    trust_remote_code: bool = doc(False, REMOTE_CODE_DOC)
     ref: str = doc(MISSING, "reference (SFT) model")
     dpo: str = doc(MISSING, "DPO model whose token reward colours the tokens")
+    chat_template: str | None = doc(None, "Jinja chat template to use when the model's tokenizer has none")
+    pad_token: str | None = doc(None, "token to pad with when the tokenizer has none")
     data: PromptDataConfig = doc(factory=PromptDataConfig, text="prompts (messages or prompt column)")
     n: int = doc(8, "responses to render")
     temperature: float = doc(0.7, "sampling temperature (0: greedy)")
@@ -59,6 +69,7 @@ class InspectConfig(Section):
     def check(self, at: str) -> None:
         k = Keys(self, at)
         k.text("model", "ref", "dpo", "output_dir", "name")
+        k.text("chat_template", "pad_token", "revision", optional=True)
         k.ints("n", "max_new_tokens")
         k.seeds("seed")
         k.real("temperature", at_least=0)  # 0: greedy

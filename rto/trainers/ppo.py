@@ -260,7 +260,7 @@ def main(cfg: PPOConfig, rollout_metrics: RolloutMetrics | None = None) -> dict:
 
 
 def _train(cfg: PPOConfig, d: Dist, run_dir: Path, lock: RunLock, rollout_metrics: RolloutMetrics | None) -> dict:
-    tokenizer = load_tokenizer(cfg.actor)
+    tokenizer = load_tokenizer(cfg.actor, "actor.")
     dpo = cfg.dpo if cfg.algo != "ppo" else None
     scorers = {"dpo": dpo, "reward": cfg.reward, "critic": cfg.critic, "ref": cfg.ref}  # they score the actor's ids
     check_same_tokenizers(tokenizer, scorers, cfg=cfg.actor)
