@@ -7,7 +7,6 @@ import json
 import logging
 import re
 
-import datasets
 import pytest
 import torch
 
@@ -88,6 +87,8 @@ def test_load_json_jsonl_parquet_and_saved_folder(tmp_path):
 
 
 def test_splits_are_listed_and_a_single_file_has_none(tmp_path):
+    import datasets  # here, not at the top: tests/test_models.py imports this module on machines without datasets
+
     rows = [{"messages": [USER, GOOD]}]
     parts = {"train_prefs": datasets.Dataset.from_list(rows), "test_prefs": datasets.Dataset.from_list(rows)}
     datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "uf"))
