@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/reproduce_toy.py --seeds 0 1 2          (each seed: `rto pipeline --recipe toy seed=S`)
       python benchmarks/reproduce_toy.py --seeds 0 1 2 --aggregate-only   (re-read finished runs)
+A seed whose results.json exists is skipped, so an interrupted reproduction goes on where it stopped.
 
 Each seed builds its own world and trains its own SFT, RM and DPO models, then every method from them, so the
 spread covers the whole pipeline. Results: benchmarks/results/toy_reproduction_<date>.{json,md,png}. The claims
@@ -28,6 +29,11 @@ LABELS = {
 
 
 def run_seed(seed: int, out: Path) -> None:
+    """One seed's whole pipeline; a seed whose results.json exists is finished and skipped (so the reproduction
+    can be run in parts)."""
+    if (out / f"seed{seed}" / "results.json").exists():
+        print(f"seed {seed}: finished ({out / f'seed{seed}' / 'results.json'}), skipped", flush=True)
+        return
     settings = [f"seed={seed}", f"name=seed{seed}", f"output_dir={out}", f"online=[{','.join(ONLINE)}]"]
     cmd = [sys.executable, "-m", "rto", "pipeline", "--recipe", "toy", *settings]
     print("+", " ".join(cmd), flush=True)
