@@ -2,7 +2,7 @@
 only the table needs.
 
 - `TABLE`: one case a line, `name group command setting... => what the error names; ...` (`parse_cases`), its
-  settings over a small run's (`fault_probe.base_args`; `{case}`, `{runs}` and `{<asset>}` are filled in for the
+  settings over a small run's (`fault_env.base_args`; `{case}`, `{runs}` and `{<asset>}` are filled in for the
   case's folder), its names as the judge reads them ("a|b": either, "!a": must not say a).
 - `HOOKS`: per case, what differs from a plain refusal: a set-up (the set-ups below: a finished run copied in,
   a lock, a crafted pickle, a damaged model or data file), the exit code and warnings of a fault the run survives,
@@ -10,8 +10,7 @@ only the table needs.
   checks below), a timeout or a file-size limit.
 - `BEFORE_MODEL`: the cases whose refusal must come before any model loads.
 
-This module imports the machinery it uses (`Env`, `Run`, `Process`, `last_line`) from benchmarks/fault_probe.py,
-which in turn imports this module only when `CASES` or `Case` is first asked for there (so either loads first).
+The machinery it uses (`Env`, `Run`, `Process`, `last_line`) is benchmarks/fault_env.py's, as is the probe's.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.fault_probe import Env, Process, Run, last_line
+from benchmarks.fault_env import Env, Process, Run, last_line
 
 USER = {"role": "user", "content": "repeat w1 w2"}
 REPLY = {"role": "assistant", "content": "w1 w2"}

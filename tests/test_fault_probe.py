@@ -5,7 +5,8 @@ handled clearly."""
 from __future__ import annotations
 
 from benchmarks.fault_cases import CASES, Case
-from benchmarks.fault_probe import Env, Run, build_assets, judge, merge, run_cases, snapshot, untouched
+from benchmarks.fault_env import Env, Run, merge
+from benchmarks.fault_probe import build_assets, judge, run_cases, snapshot, untouched
 
 # fast cases (refused before any model trains): a bad value, an unknown setting, a bad data file, a run folder
 REPRESENTATIVE = ("lr_inf", "unknown_setting", "invalid_json_line_50", "resume_from_nowhere")
