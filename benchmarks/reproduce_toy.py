@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from study_horizon_report import t_ci  # benchmarks/ is on the path: this file runs as a script
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ONLINE = ["ppo", "rto", "rs-ppo", "ddpo"]
 LABELS = {
@@ -140,6 +142,21 @@ def write(result: dict, out: Path, command: str) -> Path:
     for m, r in t.items():
         cells = [mean_sd(r[k]) for k in ("gold_reward", "win_rate_vs_sft", "rm_score", "mean_length")]
         lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Held-out gold reward against PPO, paired by seed (the same world): per-seed differences, their mean and "
+        f"95% t interval ({len(seeds)} seeds, so the interval is wide):",
+        "",
+    ]
+    for m in t:
+        if m != "ppo" and len(seeds) > 1:
+            d = [a - b for a, b in zip(t[m]["gold_reward"], t["ppo"]["gold_reward"])]
+            lo, hi = t_ci(d)
+            side = "includes 0" if lo <= 0 <= hi else "excludes 0"
+            cells = ", ".join(f"{x:+.3f}" for x in d)
+            lines.append(
+                f"- {LABELS.get(m, m)} - PPO: {cells}; mean {statistics.fmean(d):+.3f} [{lo:+.3f}, {hi:+.3f}] ({side})"
+            )
     lines += ["", "Final rollout gold reward (smoothed over the last 3 logged steps) per seed:", ""]
     for a, v in result["final_rollout_gold"].items():
         lines.append(f"- {LABELS[a]}: {', '.join(f'{x:.2f}' for x in v)} (mean {statistics.fmean(v):.2f})")
