@@ -22,8 +22,10 @@ def policy(path: str, cfg: ModelConfig, what: str, parallel: ParallelConfig, dev
 
 
 def scalar(path: str, cfg: ModelConfig, what: str, parallel: ParallelConfig, device: torch.device, **kw):
-    """(the sharded ScalarModel, the HF model inside it): a critic or a reward model; keywords as `_build`."""
-    return _build(load_scalar_model(path, cfg, what), ScalarModel, what, parallel, device, **kw)
+    """(the sharded ScalarModel, the HF model inside it): a critic or a reward model; keywords as `_build`. A frozen
+    one scores (the reward model): it must have a trained head (`load_scalar_model(..., scorer=True)`)."""
+    hf = load_scalar_model(path, cfg, what, scorer=kw.get("frozen", False))
+    return _build(hf, ScalarModel, what, parallel, device, **kw)
 
 
 def _build(

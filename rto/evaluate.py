@@ -49,6 +49,7 @@ from rto.models import (
     load_tokenizer,
     reading_model,
     reward_normalisation,
+    scalar_config,
 )
 from rto.tensors import last_valid, pad_rows
 
@@ -136,7 +137,8 @@ def reward_scores(
 ) -> list[float]:
     """The reward model's score of each prompt + response (its value at the last token), normalised as its
     checkpoint states (OpenRLHF's mean/std), as PPO's rollouts score it."""
-    hf = load_scalar_model(rm_path, ModelConfig(path=rm_path, trust_remote_code=trust_remote_code), "reward")
+    settings = ModelConfig(path=rm_path, trust_remote_code=trust_remote_code)
+    hf = load_scalar_model(rm_path, settings, "reward", scorer=True)
     rm, norm = ScalarModel(hf).to(device).eval(), reward_normalisation(hf)
     mean, std = norm if norm is not None else (0.0, 1.0)
     scores = []
@@ -279,11 +281,15 @@ def evaluate(cfg: EvalConfig) -> dict:
     questions = questions_of(rows, prompts, tok, cfg.data, name)
     kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     stops = stop_token_ids(tok, cfg.model, cfg.stop_tokens, cfg.revision)
+    scorers = {"reference": cfg.reference, "reward": cfg.reward}
+    check_same_tokenizers(tok, scorers, "the model's", settings)  # they score its ids
+    if cfg.reward:  # before any generation: a reward model without its head is refused now, not after
+        scalar_config(
+            cfg.reward, ModelConfig(path=cfg.reward, trust_remote_code=cfg.trust_remote_code), "reward", scorer=True
+        )
     samples = generate(cfg.model, prompts, tok, stop_ids=stops, settings=settings, **kw)
     lengths = statistics.fmean(len(s.response_ids) for s in samples)
     result: dict = {"model": cfg.model, "n": len(samples), "temperature": cfg.temperature, "mean_length": lengths}
-    scorers = {"reference": cfg.reference, "reward": cfg.reward}
-    check_same_tokenizers(tok, scorers, "the model's", settings)  # they score its ids
     ref_samples = None
     if cfg.reference:
         ref_stops = stop_token_ids(tok, cfg.reference, cfg.stop_tokens)

@@ -16,9 +16,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 
 import torch
+import transformers
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -55,6 +58,8 @@ from rto.model_files import (  # noqa: F401  (re-exported: the checks callers ru
 )
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+log = logging.getLogger(__name__)
 
 
 def load_tokenizer(cfg: ModelConfig, section: str = "model."):
@@ -100,19 +105,39 @@ def load_causal_lm(path: str, cfg: ModelConfig, what: str = "model.path") -> nn.
 OPENRLHF_ARCHITECTURES = ("RewardModel", "CriticModel")
 
 
-def load_scalar_model(path: str, cfg: ModelConfig, what: str = "model.path") -> nn.Module:
+SCALAR_CLASSES = ("ForSequenceClassification", "ForTokenClassification")  # architecture name endings
+
+
+def scalar_config(path: str, cfg: ModelConfig, what: str, *, scorer: bool = False) -> tuple:
+    """(config, architecture, hub keywords) of a scalar model's checkpoint, read without its weights; a head with
+    more than one label is refused, and with `scorer` so is a checkpoint with no scalar head (see
+    load_scalar_model). A command whose reward model only scores calls it before any long work."""
+    check_model_folder(path, what)
+    hub = hub_kwargs(cfg, path, what)
+    with reading_model(path, what):
+        config = AutoConfig.from_pretrained(path, **hub)
+    arch = (getattr(config, "architectures", None) or ["?"])[0]
+    if arch.endswith(SCALAR_CLASSES) and getattr(config, "num_labels", 1) != 1:
+        raise ModelError(f"{what}: {path} ({arch}) has {config.num_labels} labels; a scalar model has one")
+    if scorer and arch not in OPENRLHF_ARCHITECTURES and not arch.endswith(SCALAR_CLASSES):
+        raise ModelError(
+            f"{what}: {path} ({arch}) is not a reward model: it has no scalar head, and a new one would score at "
+            "random; give a sequence- or token-classification checkpoint with one label or an OpenRLHF RewardModel"
+        )
+    return config, arch, hub
+
+
+def load_scalar_model(path: str, cfg: ModelConfig, what: str = "model.path", *, scorer: bool = False) -> nn.Module:
     """A one-label scalar model (reward model or critic); `ScalarModel` reads its per-token values.
 
     Checkpoint formats, by config.json `architectures`: an HF `*ForSequenceClassification` (TRL, RewardBench,
     this project's RM trainer), OpenRLHF's `RewardModel` / `CriticModel` (its value head becomes `score`), an
     HF `*ForTokenClassification`; each loads with its trained head, and a load that reports missing or unexpected
     weights stops the run naming them. Any other checkpoint (a causal LM) gets a new head: the family's
-    sequence-classification class, else its token-classification class, else a ModelError naming the family."""
-    check_model_folder(path, what)
-    hub = hub_kwargs(cfg, path, what)
-    with reading_model(path, what):
-        config = AutoConfig.from_pretrained(path, **hub)
-    arch = (getattr(config, "architectures", None) or ["?"])[0]
+    sequence-classification class, else its token-classification class, else a ModelError naming the family;
+    with `scorer` (a reward model that scores, not one to be trained) such a checkpoint is refused instead, since
+    a new head would score at random."""
+    config, arch, hub = scalar_config(path, cfg, what, scorer=scorer)
     kwargs = dict(dtype=DTYPES[cfg.dtype], attn_implementation=cfg.attn_implementation, output_loading_info=True)
     kwargs.update(hub)
     trained = True
@@ -121,21 +146,40 @@ def load_scalar_model(path: str, cfg: ModelConfig, what: str = "model.path") -> 
         if prefix != "score":
             kwargs["key_mapping"] = {rf"^{re.escape(prefix)}\.": "score."}
         auto = AutoModelForSequenceClassification
-    elif arch.endswith(("ForSequenceClassification", "ForTokenClassification")):
-        if getattr(config, "num_labels", 1) != 1:
-            raise ModelError(f"{what}: {path} ({arch}) has {config.num_labels} labels; a scalar model has one")
+    elif arch.endswith(SCALAR_CLASSES):
         seq = arch.endswith("ForSequenceClassification")
         auto = AutoModelForSequenceClassification if seq else AutoModelForTokenClassification
     else:
         auto, trained = _new_head_class(config, what), False
     config.num_labels = 1
     config.classifier_dropout = 0.0  # dropout before a token-classification head would add noise to values
-    with reading_model(path, what):
+    # a causal LM given a new head: transformers' load report (its LM head unexpected, the head missing) is what
+    # is meant, so it is left out and said in one line; a trained checkpoint's report stays (and any gap stops)
+    quiet = _transformers_errors_only() if not trained else contextlib.nullcontext()
+    with reading_model(path, what), quiet:
         model, info = auto.from_pretrained(path, config=config, **kwargs)
     _check_head_load(model, info, trained, f"{what} ({path}, {arch})")
+    if not trained:
+        log.info(
+            "%s: %s (%s) has no scalar head: a new one-label %s head starts from random",
+            what,
+            path,
+            arch,
+            auto.__name__.removeprefix("AutoModelFor"),
+        )
     if not _token_level(model):
         scalar_probe(model, what)
     return model
+
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(before)
 
 
 def _new_head_class(config, what: str):

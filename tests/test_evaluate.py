@@ -325,3 +325,19 @@ def test_exported_prompt_must_be_the_tokenised_one():
     assert [q.instruction for q in questions_of(rows, prompts, tok, data, "q")] == ["repeat w1"]
     with pytest.raises(ConfigError, match="row 0"):
         questions_of(rows, prompt_ids(tok, 1), tok, data, "q")  # "repeat w0 w1": not the row's text
+
+
+def test_a_reward_without_a_scalar_head_is_refused_before_it_scores(policy, tmp_path, monkeypatch):
+    """eval's reward scores: a causal LM would get a random head, so it is refused naming the setting, before
+    any response is generated."""
+    import rto.evaluate
+    from rto.families import ModelError
+
+    def no_generation(*args, **kw):
+        raise AssertionError("generated before the reward model was checked")
+
+    monkeypatch.setattr(rto.evaluate, "generate", no_generation)
+    data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "repeat w1"}])
+    with pytest.raises(ModelError, match=r"^reward: .* is not a reward model: it has no scalar head"):
+        run_eval(eval_config(policy, data, tmp_path, reward=str(policy)))
+    assert not (tmp_path / "eval" / "results.json").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import pytest
@@ -172,6 +173,37 @@ def test_a_causal_lm_without_a_token_classification_class_gets_a_new_head(tmp_pa
     AutoModelForCausalLM.from_config(_rm_config("opt")).save_pretrained(tmp_path)
     score, hf = _score(tmp_path)
     assert type(hf).__name__ == "OPTForSequenceClassification" and score.shape == (3,)
+
+
+def test_a_causal_lm_is_refused_as_a_scorer_and_its_new_head_said_in_one_line(tmp_path, caplog):
+    """PPO's and eval's `reward` scores: a checkpoint without a scalar head would score at random, so it is refused
+    (a reward model to be trained, or a critic, gets its new head, said in one line instead of transformers'
+    load report)."""
+    paths = make_assets(tmp_path, n=4)
+    lm = str(paths["model"])
+    with pytest.raises(ModelError, match=r"^reward: .* \(LlamaForCausalLM\) is not a reward model: it has no scalar"):
+        load_scalar_model(lm, ModelConfig(path=lm), "reward", scorer=True)
+    from rto import build
+    from rto.config import ParallelConfig
+
+    with pytest.raises(ModelError, match=r"^reward: .* is not a reward model"):  # PPO's frozen reward model scores
+        build.scalar(lm, ModelConfig(path=lm), "reward", ParallelConfig(), torch.device("cpu"), frozen=True)
+    reports = []  # transformers' own records (its logger does not propagate to caplog's)
+    handler = logging.Handler()
+    handler.emit = lambda record: reports.append(record.getMessage())
+    transformers.logging.get_logger("transformers").addHandler(handler)
+    try:
+        with caplog.at_level("INFO", logger="rto.models"):
+            load_scalar_model(lm, ModelConfig(path=lm), "model.path")
+    finally:
+        transformers.logging.get_logger("transformers").removeHandler(handler)
+    assert "model.path: " in caplog.text and "has no scalar head: a new one-label SequenceClassification" in caplog.text
+    assert not any("LOAD REPORT" in r for r in reports), reports
+    rm = tmp_path / "rm"
+    load_scalar_model(lm, ModelConfig(path=lm)).save_pretrained(rm)  # now a one-label seq-cls checkpoint
+    assert type(load_scalar_model(str(rm), ModelConfig(path=str(rm)), "reward", scorer=True)).__name__ == (
+        "LlamaForSequenceClassification"
+    )
 
 
 def test_model_paths_are_checked_before_loading():

@@ -42,17 +42,23 @@ def tiny(assets) -> Path:
 
 
 @pytest.fixture
-def hub(monkeypatch, tiny):
+def hub(monkeypatch, assets):
     """Every transformers from_pretrained the project's own code calls (not transformers' calls inside them),
-    recorded as (loader, path, keywords); a path that looks like a hub id ("org/...") reads the tiny local model
-    instead (nothing is downloaded)."""
+    recorded as (loader, path, keywords); a path that looks like a hub id ("org/...") reads a tiny local model
+    instead (nothing is downloaded): "org/scorer" the tiny reward model, any other the tiny causal LM."""
     calls = []
+
+    def local(path: str) -> str:
+        if not path.startswith("org/"):
+            return path
+        return str(assets["reward"] if path == "org/scorer" else assets["model"])
+
     for name, cls in LOADERS.items():
 
         def fake(path, *args, _name=name, _orig=cls.from_pretrained, **kw):
             if sys._getframe(1).f_globals["__name__"].startswith("rto."):
                 calls.append((_name, str(path), {k: kw.get(k, "absent") for k in ("revision", "trust_remote_code")}))
-            return _orig(str(tiny) if str(path).startswith("org/") else path, *args, **kw)
+            return _orig(local(str(path)), *args, **kw)
 
         monkeypatch.setattr(cls, "from_pretrained", fake)
     return calls
@@ -140,15 +146,15 @@ def test_eval_loads_its_model_at_the_revision_and_every_model_with_remote_code(
 ):
     from rto.evaluate import evaluate
 
-    args = ["model=org/policy", "revision=v1.0", "trust_remote_code=true", "reference=org/ref", "reward=org/rm"]
+    args = ["model=org/policy", "revision=v1.0", "trust_remote_code=true", "reference=org/ref", "reward=org/scorer"]
     args += [f"data.path={assets['prompts']}", "max_new_tokens=4", f"output_dir={tmp_path}"]
     result = evaluate(load_config("eval", None, args))
     assert result["n"] == 4 and "rm_score" in result and "ref_rm_score" in result
     loads = loads_by_path(hub)
-    assert set(loads) == {"org/policy", "org/ref", "org/rm"}
+    assert set(loads) == {"org/policy", "org/ref", "org/scorer"}
     assert {n for n, p, _ in hub if p == "org/policy"} == {"tokenizer", "causal"}
     assert all(kw == PINNED for kw in loads["org/policy"]), loads["org/policy"]
-    assert all(kw == OTHER for kw in loads["org/ref"] + loads["org/rm"]), loads
+    assert all(kw == OTHER for kw in loads["org/ref"] + loads["org/scorer"]), loads
     assert ("org/policy", "v1.0") in generation_configs and ("org/ref", None) in generation_configs
 
 
