@@ -432,6 +432,8 @@ eval_reference_other_tokenizer   own eval reference={other_lm} => reference
 eval_reward_other_tokenizer      own eval reward={other_rm} => reward
 inspect_dpo_other_tokenizer      own inspect dpo={other_lm} => dpo
 reward_with_two_labels           own ppo  reward={two_labels} => reward
+reward_is_a_causal_lm            own ppo  reward={model} => reward; is not a reward model
+eval_reward_is_a_causal_lm       own eval reward={model} => reward; is not a reward model
 packing_family_that_cannot       own sft  model.path={opt} data.packing=true => data.packing
 no_chat_template                 own sft  model.path={case}/m => model.chat_template
 no_pad_token                     own sft  model.path={case}/m => model.pad_token
