@@ -9,7 +9,7 @@ import pytest
 
 from rto import toy
 from rto.cli import main as cli
-from rto.config import DataConfig
+from rto.config import DataConfig, ModelConfig
 from rto.data import load_rows, tokenize_pairs, tokenize_prompts, tokenize_sft
 from rto.evaluate import win_rate
 
@@ -142,13 +142,20 @@ def world(tmp_path_factory):
 
 
 def test_rto_eval_scores_and_exports(world, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from rto.models import load_scalar_model
+
     base = world["base"]
+    rm = tmp_path / "rm"  # a reward model with its head (a causal LM as eval's reward is refused)
+    load_scalar_model(str(base), ModelConfig(path=str(base))).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(base).save_pretrained(rm)
     rc = cli(
         [
             "eval",
             f"model={base}",
             f"reference={base}",
-            f"reward={base}",
+            f"reward={rm}",
             "gold=true",
             f"data.path={world['eval_prompts']}",
             "max_new_tokens=8",
