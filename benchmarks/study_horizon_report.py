@@ -285,6 +285,14 @@ def verdict(res: dict) -> list[str]:
             q = diff(arms, "rto", arm)
             if q is not None:
                 out.append(f"  - RTO - {what}: {interval(q)}: RTO {judge(q, full)}.")
+        recipe = res["lengths"][L]["recipe"]
+        if arms is not recipe and len(recipe.get("rto", {}).get("seeds", {})) >= 2:
+            # one tuning seed picks each setting: RTO at the recipe's settings is the other estimate of RTO
+            both = {**arms, "rto (recipe)": recipe["rto"]}
+            for arm in ("ppo", "ppo-lam1", "rs-ppo", "ddpo", "rto-support"):
+                q = diff(both, "rto (recipe)", arm)
+                if q is not None:
+                    out.append(f"  - RTO at the recipe's settings - {arm} (its best): {interval(q)}: {judge(q, full)}.")
         corr = [v.get("gold_corr_dpo_term") for v in arms["rto"]["seeds"].values()]
         corr = [c for c in corr if c is not None]
         if corr:
@@ -310,7 +318,11 @@ def figure(res: dict, path: Path) -> None:
     n = max(1, len(res["lengths"]))
     fig, axes = plt.subplots(1, n, figsize=(5.2 * n, 3.8), squeeze=False)
     for ax, (L, r) in zip(axes[0], res["lengths"].items()):
-        for arm, a in (r["tuned"] or r["recipe"]).items():
+        arms = dict(r["tuned"] or r["recipe"])
+        recipe_rto = r["recipe"].get("rto")
+        if r["tuned"] and recipe_rto and recipe_rto["variant"] != arms.get("rto", {}).get("variant"):
+            arms["rto at the recipe's settings"] = recipe_rto  # the tuning seed chose another RTO setting
+        for arm, a in arms.items():
             if not a["seeds"]:
                 continue
             curves = [v["heldout_curve"] for v in a["seeds"].values()]
@@ -326,6 +338,7 @@ def figure(res: dict, path: Path) -> None:
                 marker="o",
                 ms=3,
                 capsize=2,
+                ls="--" if arm.startswith("rto at") else "-",
                 label=f"{arm} (n={len(curves)})",
             )
         title = f"chain world, L = {L} (mean, 95% t interval over seeds)"
