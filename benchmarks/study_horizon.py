@@ -17,8 +17,8 @@ freezes the current one again). The runs come in the order that answers the main
     2. tuning: every arm over its small sweep (actor lr; DPO scale = clip for the DPO arms) on the tuning seeds
        at the tuned lengths (default: L = 48 only; the other lengths take its choices);
     3. every arm at its best setting on the evaluation seeds, L = 48 and 12; 4. the same at L = 96.
-Arms: PPO, PPO with lambda = 1, RTO, RS-PPO, DDPO, REINFORCE++, RTO on REINFORCE++ and RTO with the support-aware
-DPO term (`rewards.dpo_support=0.001`; benchmarks/pilot_support.py) (ARMS). The runs land in
+Arms: PPO, PPO with lambda = 1, RTO, RS-PPO, DDPO, REINFORCE++, RTO on REINFORCE++, RTO with the support-aware
+DPO term (`rewards.dpo_support=0.001`; benchmarks/pilot_support.py) and RTO with lambda = 1 (ARMS). The runs land in
 --out (outside the git tree); the aggregate goes to <out>/aggregate after every run and to benchmarks/results/
 (horizon_study_chain.{md,json,png}) at the end or with --aggregate.
 """
@@ -49,8 +49,9 @@ ARMS = {
     "reinforce++": ["algo=ppo", "estimator=reinforce++"],
     "rto-reinforce++": ["algo=rto", "estimator=reinforce++"],
     "rto-support": ["algo=rto", "rewards.dpo_support=0.001"],  # no DPO credit off the reference's support
+    "rto-lam1": ["algo=rto", "rewards.lam=1.0"],  # against PPO with lambda = 1: does the DPO term add to it?
 }
-DPO_ARMS = ("rto", "rs-ppo", "ddpo", "rto-reinforce++", "rto-support")
+DPO_ARMS = ("rto", "rs-ppo", "ddpo", "rto-reinforce++", "rto-support", "rto-lam1")
 DEFAULT = {"lr": 1e-4, "dpo": 0.05}  # the toy recipe's actor lr and the paper's DPO scale and clip
 
 

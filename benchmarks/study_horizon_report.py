@@ -285,6 +285,9 @@ def verdict(res: dict) -> list[str]:
             q = diff(arms, "rto", arm)
             if q is not None:
                 out.append(f"  - RTO - {what}: {interval(q)}: RTO {judge(q, full)}.")
+        q = diff(arms, "rto-lam1", "ppo-lam1")
+        if q is not None:
+            out.append(f"  - RTO with lambda = 1 - PPO with lambda = 1: {interval(q)}: {judge(q, full)}.")
         recipe = res["lengths"][L]["recipe"]
         if arms is not recipe and len(recipe.get("rto", {}).get("seeds", {})) >= 2:
             # one tuning seed picks each setting: RTO at the recipe's settings is the other estimate of RTO
