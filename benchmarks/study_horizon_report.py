@@ -301,14 +301,15 @@ def verdict(res: dict) -> list[str]:
         if corr:
             c = statistics.fmean(corr)
             out.append(f"  - RTO's DPO token term vs the gold per-token share: correlation {c:.3f}.")
-    gaps = {L: diff(arms_at(L)[0], "rto", "ppo") for L in res["lengths"]}
-    gaps = {L: g for L, g in gaps.items() if g is not None}
-    if len(gaps) > 1:
-        out.append(
-            "- The gap by horizon (different worlds per L, so not paired across L): "
-            + "; ".join(f"L = {L}: {g['mean']:+.2f}" for L, g in sorted(gaps.items(), key=lambda x: int(x[0])))
-            + "."
-        )
+    for kind, title in (("recipe", "at the recipe's settings"), ("tuned", "each at its best setting")):
+        gaps = {L: diff(res["lengths"][L][kind], "rto", "ppo") for L in res["lengths"]}
+        gaps = {L: g for L, g in gaps.items() if g is not None}
+        if len(gaps) > 1:
+            out.append(
+                f"- RTO - PPO by horizon, {title} (different worlds per L, so not paired across L): "
+                + "; ".join(f"L = {L}: {g['mean']:+.2f}" for L, g in sorted(gaps.items(), key=lambda x: int(x[0])))
+                + "."
+            )
     return out or ["- nothing has finished yet."]
 
 
